@@ -1,0 +1,163 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` fill these in. Because every group option is merged onto a
+dataclass, a misspelled key (``model.widht=128``) or a wrong type (``model.width=abc``) fails
+when Hydra composes the config, before any data is read or any run is created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+# The repo root holds conf/, mlruns/ and outputs/; stores resolve from here, not from the
+# current folder, so jobs started anywhere (multirun, SLURM) share one MLflow store.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class DataSource(str, Enum):
+    synthetic = "synthetic"  # generated on first use into data.root, then read as a folder
+    folder = "folder"  # a numpy_bitmap folder you bring
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Objective(str, Enum):
+    val_acc = "val_acc"
+    val_top3 = "val_top3"
+    val_loss = "val_loss"
+
+
+@dataclass
+class SyntheticConfig:
+    num_classes: int = 10
+    per_class: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.synthetic
+    # Folder of <class>.npy files. For synthetic data: where generated sets are cached
+    # (null: <project>/data/synthetic).
+    root: str | None = None
+    classes: list[str] | None = None  # a subset of class names; null: all
+    max_per_class: int | None = None  # keep the first N rows of each class
+    val_fraction: float = 0.1
+    split_seed: int = 0  # the validation split; independent of the training seed
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    width: int = 64
+    hidden: int = 256
+    dropout: float = 0.3
+    negative_slope: float = 0.1
+
+
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class StepLRConfig:
+    _target_: str = "torch.optim.lr_scheduler.StepLR"
+    step_size: int = 10
+    gamma: float = 0.5
+
+
+@dataclass
+class CosineConfig:
+    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    T_max: int = MISSING
+    eta_min: float = 0.0
+
+
+@dataclass
+class ConstantConfig:
+    # "none": a scheduler that never changes the lr, so checkpoints always have one to save.
+    _target_: str = "torch.optim.lr_scheduler.ConstantLR"
+    factor: float = 1.0
+    total_iters: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    device: Device = Device.auto
+    # What the run returns (and sweeps optimize): this metric at the run's best epoch.
+    objective: Objective = Objective.val_acc
+    resume: str | None = None  # path of a checkpoint.pt to continue from
+
+
+@dataclass
+class MLflowConfig:
+    # null: $MLFLOW_TRACKING_URI if set, else sqlite:///<project>/mlruns/mlflow.db
+    tracking_uri: str | None = None
+    # null: the folder of a SQLite/file store (so <project>/mlruns); ignored for servers
+    artifact_root: str | None = None
+    experiment_name: str = "sketchsweep"
+    log_model: bool = True  # mlflow.pytorch.log_model of the best-epoch model
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    # Any: each optimizer/scheduler option brings its own schema (their arguments differ).
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, name, node in [
+        ("data", "data_schema", DataConfig),
+        ("model", "model_schema", ModelConfig),
+        ("optimizer", "adam_schema", AdamConfig),
+        ("optimizer", "adamw_schema", AdamWConfig),
+        ("optimizer", "sgd_schema", SGDConfig),
+        ("scheduler", "steplr_schema", StepLRConfig),
+        ("scheduler", "cosine_schema", CosineConfig),
+        ("scheduler", "none_schema", ConstantConfig),
+    ]:
+        cs.store(group=f"schema/{group}", name=name, node=node)
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))

@@ -1,0 +1,111 @@
+"""Load a numpy_bitmap folder: one ``<class>.npy`` of ``uint8 (N, 784)`` per class.
+
+Every file is checked before anything is trained, and every problem is one ``DataError``
+that names the file and says what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EXPECTED = "a numpy_bitmap .npy file: uint8 array of shape (N, 784), strokes 255 on background 0"
+GOOGLE_PREFIX = "full_numpy_bitmap_"
+
+
+class DataError(ValueError):
+    """The data on disk is not what sketchsweep expects."""
+
+
+@dataclass
+class Dataset:
+    images: np.ndarray  # uint8 (N, 784)
+    labels: np.ndarray  # int64 (N,), index into class_names
+    class_names: list[str]
+
+
+def class_name(path: Path) -> str:
+    """``full_numpy_bitmap_traffic light.npy`` -> ``traffic light``; ``cat.npy`` -> ``cat``."""
+    stem = path.stem
+    return stem[len(GOOGLE_PREFIX) :] if stem.startswith(GOOGLE_PREFIX) else stem
+
+
+def list_class_files(root: str | Path) -> dict[str, Path]:
+    """Class name -> file, sorted by class name (labels are indices in this order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder; expected a folder of {EXPECTED}")
+    files = {class_name(p): p for p in sorted(root.glob("*.npy"))}
+    if not files:
+        raise DataError(f"data.root: {root} has no .npy files; expected one per class, each {EXPECTED}")
+    return dict(sorted(files.items()))
+
+
+def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
+    """Read one class file as ``uint8 (N, 784)``, validating what is actually on disk."""
+    try:
+        # mmap: only the rows we keep are read; allow_pickle=False: a .npy must never run code.
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path}: is a pickled object array; expected {EXPECTED}") from None
+        raise DataError(f"{path}: cannot be read as .npy ({e}); expected {EXPECTED}") from None
+    except Exception as e:  # truncated headers, not a .npy at all, permissions...
+        raise DataError(f"{path}: cannot be read as .npy ({type(e).__name__}: {e}); expected {EXPECTED}") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[1] != 784:
+        shape = getattr(arr, "shape", None)
+        raise DataError(f"{path}: has shape {shape}; expected {EXPECTED}")
+    if arr.shape[0] == 0:
+        raise DataError(f"{path}: has no rows; expected {EXPECTED}")
+    rows = np.asarray(arr[:max_rows] if max_rows else arr)
+    if rows.dtype == np.uint8:
+        return np.ascontiguousarray(rows)
+    if rows.dtype.kind in "iu" or rows.dtype.kind == "f":
+        lo, hi = (float(rows.min()), float(rows.max())) if rows.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+            raise DataError(
+                f"{path}: {rows.dtype} values span [{lo}, {hi}]; expected uint8, or integers/floats in [0, 255]"
+            )
+        # Floats that all sit in [0, 1] are taken as [0, 1] images.
+        scale = 255.0 if rows.dtype.kind == "f" and hi <= 1.0 else 1.0
+        return np.rint(rows.astype(np.float32) * scale).astype(np.uint8)
+    raise DataError(f"{path}: has dtype {rows.dtype}; expected {EXPECTED}")
+
+
+def load_folder(root: str | Path, classes: list[str] | None = None, max_per_class: int | None = None) -> Dataset:
+    """Load every (or the chosen) class of a numpy_bitmap folder; labels follow sorted class names."""
+    files = list_class_files(root)
+    if classes:
+        missing = [c for c in classes if c not in files]
+        if missing:
+            raise DataError(f"data.classes: {missing} not found in {root}; available: {list(files)}")
+        files = {c: files[c] for c in sorted(set(classes))}
+    if len(files) < 2:
+        raise DataError(f"data.root: {root} gives {len(files)} class(es); expected at least 2 .npy files")
+    if max_per_class is not None and max_per_class < 1:
+        raise DataError(f"data.max_per_class: expected a positive integer, got {max_per_class}")
+    arrays = [read_class_file(p, max_per_class) for p in files.values()]
+    labels = np.concatenate([np.full(len(a), i, dtype=np.int64) for i, a in enumerate(arrays)])
+    return Dataset(np.concatenate(arrays), labels, list(files))
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split into (train, val) indices.
+
+    It depends only on the labels, ``val_fraction`` and ``seed`` (``data.split_seed``), never on
+    the training seed, so every run of a sweep is scored on the same validation images.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"data.val_fraction: expected a number in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
+        if n_val < 1:
+            raise DataError(f"class {c} has {len(idx)} image(s); a train/val split needs at least 2")
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

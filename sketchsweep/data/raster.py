@@ -1,0 +1,77 @@
+"""Render stroke drawings to 28x28 bitmaps the way Google made Quick, Draw!'s numpy_bitmap files.
+
+Google's recipe (documented in the quickdraw-dataset issues): the simplified drawing (coordinates
+in a 0-255 box, aligned to 0) is centred on its bounding box inside a 256 box, stroked with a
+16-unit round-capped line, padded by 16 units on each side, anti-aliased and scaled to 28x28.
+That gives strokes about 1.5 px wide and a margin of about 2 px.
+
+We draw directly at 28x28: each pixel's ink is its distance to the nearest segment turned into a
+coverage ramp one pixel wide, which is what an anti-aliased round-capped line looks like at
+this size. Whole batches are rendered with NumPy, no per-pixel Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+ORIGINAL_SIDE = 256.0
+
+# A drawing is a list of strokes; a stroke is an (K, 2) array of (x, y) points, y pointing down.
+Drawing = Sequence[np.ndarray]
+
+
+def simplify_box(drawing: Drawing) -> list[np.ndarray]:
+    """Align a drawing to 0 and scale it uniformly so its longer side spans 0..255,
+    as Google's simplified format does."""
+    pts = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in drawing])
+    lo = pts.min(axis=0)
+    extent = float((pts.max(axis=0) - lo).max())
+    scale = 255.0 / extent if extent > 0 else 1.0
+    return [(np.asarray(s, dtype=np.float64).reshape(-1, 2) - lo) * scale for s in drawing]
+
+
+def _segments(drawing: Drawing, side: int, line_diameter: float, padding: float) -> np.ndarray:
+    """(S, 4) segments in pixel coordinates for one drawing in the 0-255 box."""
+    total_padding = 2.0 * padding + line_diameter
+    scale = side / (ORIGINAL_SIDE + total_padding)
+    strokes = [np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in drawing if len(s)]
+    bbox_max = np.concatenate(strokes).max(axis=0)
+    offset = (ORIGINAL_SIDE - bbox_max) / 2.0  # centre on the bounding box
+    segs = []
+    for s in strokes:
+        p = (s + offset + total_padding / 2.0) * scale
+        if len(p) == 1:  # a dot: a zero-length segment still gets a round cap
+            p = np.repeat(p, 2, axis=0)
+        segs.append(np.concatenate([p[:-1], p[1:]], axis=1))
+    return np.concatenate(segs)
+
+
+def rasterize(
+    drawings: Sequence[Drawing],
+    side: int = 28,
+    line_diameter: float = 16.0,
+    padding: float = 16.0,
+    chunk: int = 128,
+) -> np.ndarray:
+    """Render drawings (coordinates in a 0-255 box) to ``uint8 (N, side*side)``, ink 255 on 0."""
+    radius = line_diameter / 2.0 * side / (ORIGINAL_SIDE + 2.0 * padding + line_diameter)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5  # pixel centres
+    centres = np.stack([xx.ravel(), yy.ravel()], axis=1)  # (P, 2)
+    out = np.empty((len(drawings), side * side), dtype=np.uint8)
+    for start in range(0, len(drawings), chunk):
+        batch = [_segments(d, side, line_diameter, padding) for d in drawings[start : start + chunk]]
+        n_seg = max(len(s) for s in batch)
+        # Pad with segments far outside the image so every drawing has the same count.
+        segs = np.full((len(batch), n_seg, 4), 1e4, dtype=np.float32)
+        for i, s in enumerate(batch):
+            segs[i, : len(s)] = s
+        a, d = segs[:, None, :, :2], segs[:, None, :, 2:] - segs[:, None, :, :2]  # (B, 1, S, 2)
+        ap = centres[None, :, None, :] - a  # (B, P, S, 2)
+        dd = (d * d).sum(-1)
+        t = np.clip((ap * d).sum(-1) / np.maximum(dd, 1e-12), 0.0, 1.0)
+        dist = np.sqrt(((ap - t[..., None] * d) ** 2).sum(-1).min(axis=2))  # (B, P)
+        ink = np.clip(radius + 0.5 - dist, 0.0, 1.0)
+        out[start : start + len(batch)] = np.rint(ink * 255.0).astype(np.uint8)
+    return out

@@ -1,0 +1,313 @@
+"""Train SketchCNN and log the run to MLflow.
+
+    python -m sketchsweep.train                                  # the seed recipe on synthetic data
+    python -m sketchsweep.train experiment=quickstart            # what `make demo` runs
+    python -m sketchsweep.train data=quickdraw data.root=PATH model.width=128
+    python -m sketchsweep.train -m optimizer=adam,sgd            # a Hydra multirun
+
+Returns the objective (``trainer.objective`` at the run's best epoch) so sweepers can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sketchsweep import tracking
+from sketchsweep.config import PROJECT_ROOT, DataSource, register_configs
+from sketchsweep.data import DataError, Dataset, load_folder, stratified_split, write_synthetic
+from sketchsweep.engine import Split, evaluate, train_one_epoch
+from sketchsweep.model import SketchCNN, count_parameters
+
+log = logging.getLogger("sketchsweep")
+
+CHECKPOINT = "checkpoint.pt"  # resumable: model, optimizer, scheduler, epoch, RNG, history, best
+FINAL_WEIGHTS = "model_weights.pth"  # state_dict after the last epoch, as the seed saved it
+BEST_WEIGHTS = "best_model_weights.pth"  # state_dict of the best epoch (by trainer.objective)
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot be used (e.g. a bad trainer.resume path)."""
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda: no CUDA device is available (use trainer.device=auto or cpu)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def load_data(cfg: DictConfig) -> Dataset:
+    """Read (and for synthetic data, first generate) the dataset; every problem is a DataError."""
+    if cfg.source == DataSource.synthetic:
+        s = cfg.synthetic
+        root = Path(cfg.root) if cfg.root else PROJECT_ROOT / "data" / "synthetic"
+        folder = write_synthetic(root / f"{s.num_classes}classes-{s.per_class}each-seed{s.seed}", **s)
+    else:
+        if not cfg.root:
+            raise DataError("data.root: not set; expected data.root=PATH, a folder with one <class>.npy per class")
+        folder = Path(cfg.root).expanduser()
+    return load_folder(folder, list(cfg.classes) if cfg.classes else None, cfg.max_per_class)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"trainer.resume: {p} does not exist; expected a {CHECKPOINT} from an earlier run")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"trainer.resume: {p} cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "epoch" not in ckpt or "model" not in ckpt:
+        raise ConfigError(f"trainer.resume: {p} is not a sketchsweep {CHECKPOINT} (no model/epoch entries)")
+    return ckpt
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """Write to a temporary name, then rename: a kill mid-write never corrupts the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (kill, SLURM preemption) like Ctrl-C, so both end the run the same way."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def is_better(value: float, best: float | None, objective: str) -> bool:
+    if best is None:
+        return True
+    return value < best if objective == "val_loss" else value > best
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> float:
+    """Train per ``cfg``, writing checkpoints to ``run_dir`` and logging to MLflow.
+    Returns ``trainer.objective`` at the best epoch."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.trainer
+    objective = t.objective.value if hasattr(t.objective, "value") else str(t.objective)
+
+    # Everything that can be wrong with the input is checked before a run or file is created.
+    device = pick_device(t.device.value if hasattr(t.device, "value") else str(t.device))
+    data = load_data(cfg.data)
+    ckpt = load_checkpoint(t.resume) if t.resume else None
+    if ckpt is not None and ckpt.get("class_names") != data.class_names:
+        raise ConfigError(
+            f"trainer.resume: the checkpoint's classes {ckpt.get('class_names')} differ from the data's "
+            f"{data.class_names}; resume with the data config it was trained on"
+        )
+    train_idx, val_idx = stratified_split(data.labels, cfg.data.val_fraction, cfg.data.split_seed)
+
+    torch.manual_seed(cfg.seed)
+    shuffle = torch.Generator().manual_seed(cfg.seed)  # data order; checkpointed with the run
+    model = SketchCNN(len(data.class_names), **cfg.model).to(device)
+    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    scheduler = instantiate(cfg.scheduler, optimizer=optimizer)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": 0, "value": None, "model": None}
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ConfigError(f"trainer.resume: the checkpoint does not fit this model config: {e}") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        shuffle.set_state(ckpt["rng"]["shuffle"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        history, best = ckpt["history"], ckpt["best"]
+    start_epoch = len(history)
+
+    def to_device(idx: np.ndarray) -> Split:
+        return Split(torch.from_numpy(data.images[idx]).to(device), torch.from_numpy(data.labels[idx]).to(device))
+
+    train_split, val_split = to_device(train_idx), to_device(val_idx)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    (run_dir / "classes.json").write_text(json.dumps(data.class_names, indent=1) + "\n")
+
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    experiment_id = tracking.setup_experiment(uri, cfg.mlflow.experiment_name, cfg.mlflow.artifact_root)
+    tags = {
+        **tracking.git_state(),
+        **tracking.device_tags(device),
+        "hydra.overrides": " ".join(overrides),
+        "sketchsweep.run_dir": str(run_dir),
+        "num_parameters": str(count_parameters(model)),
+    }
+    if ckpt is not None:
+        tags |= {
+            "sketchsweep.resumed_from": str(Path(t.resume).resolve()),
+            "sketchsweep.resumed_at_epoch": str(start_epoch),
+        }
+        tags["sketchsweep.resumed_from_run"] = str(ckpt.get("mlflow_run_id"))
+    log.info(
+        "%d classes, %d train / %d val images, %s, SketchCNN width %d (%s parameters)",
+        len(data.class_names),
+        len(train_idx),
+        len(val_idx),
+        device,
+        cfg.model.width,
+        f"{count_parameters(model):,}",
+    )
+
+    with (
+        tracking.Run(uri, experiment_id, tracking.run_name(list(overrides)), tracking.flatten(resolved), tags) as run,
+        sigterm_as_interrupt(),
+    ):
+        for epoch, metrics in enumerate(history, start=1):  # a resumed run carries the whole curve
+            run.log_metrics(metrics, step=epoch)
+        for epoch in range(start_epoch + 1, t.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            with progress_bar(len(train_split), t.batch_size, f"epoch {epoch}/{t.epochs}") as on_step:
+                metrics = train_one_epoch(model, train_split, optimizer, t.batch_size, shuffle, on_step)
+            if not math.isfinite(metrics["train_loss"]):
+                raise FloatingPointError(f"training loss is {metrics['train_loss']} at epoch {epoch} (lr {lr:g})")
+            metrics |= evaluate(model, val_split, t.eval_batch_size)
+            metrics["lr"] = lr
+            scheduler.step()
+            history.append(metrics)
+            if is_better(metrics[objective], best["value"], objective):
+                best = {"epoch": epoch, "value": metrics[objective], "model": copy.deepcopy(model.state_dict())}
+            rng = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "rng": rng,
+                    "history": history,
+                    "best": best,
+                    "class_names": data.class_names,
+                    "config": resolved,
+                    "mlflow_run_id": run.id,
+                },
+                run_dir / CHECKPOINT,
+            )
+            run.log_metrics(metrics, step=epoch)
+            log.info(
+                "epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  val_top3 %.4f  "
+                "lr %.2e  %.1fs  %.0f img/s",
+                epoch,
+                t.epochs,
+                metrics["train_loss"],
+                metrics["train_acc"],
+                metrics["val_loss"],
+                metrics["val_acc"],
+                metrics["val_top3"],
+                lr,
+                metrics["epoch_seconds"],
+                metrics["train_images_per_sec"],
+            )
+
+        final, at_best = history[-1], history[best["epoch"] - 1]
+        summary = {f"best_{k}": at_best[k] for k in ("val_acc", "val_top3", "val_loss")}
+        summary |= {
+            "best_epoch": best["epoch"],
+            **{f"final_{k}": final[k] for k in ("val_acc", "val_top3", "val_loss")},
+        }
+        run.log_metrics(summary, step=t.epochs)
+        torch.save(model.state_dict(), run_dir / FINAL_WEIGHTS)
+        torch.save(best["model"], run_dir / BEST_WEIGHTS)
+        run.log_files([run_dir / n for n in ("config.yaml", "classes.json", FINAL_WEIGHTS, BEST_WEIGHTS, CHECKPOINT)])
+        if cfg.mlflow.log_model:
+            model.load_state_dict(best["model"])
+            run.log_model(model.cpu().eval(), to_input_numpy(data.images[val_idx[:2]]))
+        log.info(
+            "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",
+            final["val_acc"],
+            at_best["val_acc"],
+            best["epoch"],
+            objective,
+            best["value"],
+        )
+        log.info("run folder: %s", run_dir)
+        log.info("MLflow run %s in experiment '%s' at %s", run.id, cfg.mlflow.experiment_name, uri)
+        log.info("open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri %s)", uri)
+        run.log_files([run_dir / ".hydra", run_dir / "train.log"])  # last, so the log is complete
+    return float(best["value"])
+
+
+def to_input_numpy(images: np.ndarray) -> np.ndarray:
+    """The model's input for uint8 rows, as a NumPy example for MLflow's signature."""
+    from sketchsweep.engine import to_input
+
+    return to_input(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+
+@contextlib.contextmanager
+def progress_bar(n_images: int, batch_size: int, desc: str) -> Iterator[Any]:
+    """A tqdm bar when stderr is a terminal; nothing otherwise (CI and SLURM logs get one
+    line per epoch instead of thousands of carriage returns)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=math.ceil(n_images / batch_size), desc=desc, unit="batch", leave=False) as bar:
+        yield bar.update
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        return train(cfg, run_dir, list(hc.overrides.task))
+    except (DataError, ConfigError) as e:
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # let the sweeper record this job as failed
+        log.error("%s", e)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        ckpt = run_dir / CHECKPOINT
+        if ckpt.exists():
+            log.warning("interrupted; the last completed epoch is in %s; continue with trainer.resume=%s", ckpt, ckpt)
+        else:
+            log.warning("interrupted before the first epoch completed; no checkpoint was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
