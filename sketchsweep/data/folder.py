@@ -46,13 +46,18 @@ def list_class_files(root: str | Path) -> dict[str, Path]:
 def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
     """Read one class file as ``uint8 (N, 784)``, validating what is actually on disk."""
     try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _, _, dtype = read_header(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be read as .npy (no valid NumPy header: {e}); expected {EXPECTED}") from None
+    if dtype.hasobject:
+        raise DataError(f"{path}: is a pickled object array (refused: loading it could run code); expected {EXPECTED}")
+    try:
         # mmap: only the rows we keep are read; allow_pickle=False: a .npy must never run code.
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise DataError(f"{path}: is a pickled object array; expected {EXPECTED}") from None
-        raise DataError(f"{path}: cannot be read as .npy ({e}); expected {EXPECTED}") from None
-    except Exception as e:  # truncated headers, not a .npy at all, permissions...
+    except Exception as e:  # truncated data, permissions...
         raise DataError(f"{path}: cannot be read as .npy ({type(e).__name__}: {e}); expected {EXPECTED}") from None
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[1] != 784:
         shape = getattr(arr, "shape", None)

@@ -1,0 +1,47 @@
+# sketchsweep: `make test` and `make demo` are all a new user needs.
+#
+#   make test                        create .venv if missing, install, lint, run the tests
+#   make TORCH=torch==2.13.0 test    pick the torch build installed first (e.g. a local CPU wheel)
+#   make demo                        train on the bundled synthetic sketches (~1 min on 2 CPU cores)
+#   make ui                          the MLflow UI on the project's store: http://127.0.0.1:5000
+
+PYTHON ?= python3
+VENV ?= .venv
+# Installed before the project, so a CPU-only machine can choose the CPU build: a bare
+# "torch" requirement pulls the multi-GB CUDA build from PyPI.
+TORCH ?= torch>=2.4
+PORT ?= 5000
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sketchsweep-installed
+
+.PHONY: venv test lint format demo ui clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: venv
+	$(BIN)/python -m sketchsweep.train experiment=quickstart
+
+ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

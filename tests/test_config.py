@@ -1,0 +1,66 @@
+"""Every config group composes, and typos or wrong types fail at compose time."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from sketchsweep.config import PROJECT_ROOT
+from tests.conftest import compose_config, train_cli
+
+GROUPS = {
+    group: sorted(p.stem for p in (PROJECT_ROOT / "conf" / group).glob("*.yaml"))
+    for group in ("data", "model", "optimizer", "scheduler", "experiment")
+}
+
+
+def test_groups_have_the_designed_options():
+    assert GROUPS["data"] == ["quickdraw", "synthetic"]
+    assert GROUPS["model"] == ["sketchcnn"]
+    assert GROUPS["optimizer"] == ["adam", "adamw", "sgd"]
+    assert GROUPS["scheduler"] == ["cosine", "none", "steplr"]
+    assert "quickstart" in GROUPS["experiment"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_resolves(group, option):
+    extra = ["data.root=/somewhere"] if (group, option) == ("data", "quickdraw") else []
+    cfg = compose_config([f"{group}={option}", *extra])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = compose_config([])
+    assert cfg.optimizer._target_ == "torch.optim.Adam"
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (1e-3, 1e-4)
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.StepLR"
+    assert (cfg.scheduler.step_size, cfg.scheduler.gamma) == (10, 0.5)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.data.val_fraction) == (20, 256, 0.1)
+    assert cfg.model.width == 64 and cfg.trainer.device.value == "auto"
+
+
+def test_cosine_follows_the_epoch_count():
+    cfg = compose_config(["scheduler=cosine", "trainer.epochs=7"])
+    assert OmegaConf.to_container(cfg, resolve=True)["scheduler"]["T_max"] == 7
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.widht=128", "model.width=abc", "optimizer.lr=fast", "trainer.device=tpu", "optimizer=rmsprop"],
+)
+def test_bad_overrides_fail_at_compose_time(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_config([override])
+
+
+def test_sgd_has_no_betas():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["optimizer=sgd", "optimizer.betas=[0.9,0.99]"])
+
+
+def test_cli_typo_fails_before_anything_is_created(tmp_path):
+    store = tmp_path / "mlruns" / "mlflow.db"
+    proc = train_cli(["model.widht=128", f"mlflow.tracking_uri=sqlite:///{store}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "widht" in proc.stderr
+    assert not store.exists()
+    assert not (tmp_path / "outputs").exists()

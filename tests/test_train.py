@@ -1,0 +1,301 @@
+"""End to end through the real `python -m sketchsweep.train`, a real MLflow store and real files."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sketchsweep import tracking
+from sketchsweep.config import PROJECT_ROOT
+from sketchsweep.data import load_folder
+from sketchsweep.engine import to_input
+from sketchsweep.model import SketchCNN
+from sketchsweep.train import train
+from tests.conftest import SHARED_QUICKDRAW, cli_env, compose_config, tiny_overrides, train_cli
+
+EPOCH_METRICS = [
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_top3",
+    "lr",
+    "epoch_seconds",
+    "train_images_per_sec",
+]
+
+
+def only_run(uri: str, experiment: str = "sketchsweep"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r} in {uri}"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for a in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """What `make demo` runs, in a temp dir with its own store and data cache."""
+    tmp = tmp_path_factory.mktemp("quickstart")
+    store = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    run_dir = tmp / "run"
+    proc = train_cli(
+        [
+            "experiment=quickstart",
+            f"data.root={tmp / 'data'}",
+            f"mlflow.tracking_uri={store}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, run_dir, store, tmp
+
+
+def test_quickstart_run_is_finished_with_every_epoch_metric(quickstart):
+    _, _, store, _ = quickstart
+    client, run = only_run(store, "quickstart")
+    assert run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [1, 2, 3, 4], key
+    m = run.data.metrics
+    assert m["val_acc"] > 0.7  # 10 classes: chance is 0.1
+    assert m["best_val_acc"] >= m["final_val_acc"] == m["val_acc"]
+    assert 1 <= m["best_epoch"] <= 4
+    assert m["val_top3"] >= m["val_acc"]
+
+
+def test_quickstart_params_tags_and_name(quickstart):
+    _, run_dir, store, _ = quickstart
+    _, run = only_run(store, "quickstart")
+    p, tags = run.data.params, run.data.tags
+    assert p["model.width"] == "16" and p["trainer.epochs"] == "4"
+    assert p["optimizer._target_"] == "torch.optim.Adam" and p["scheduler._target_"].endswith("CosineAnnealingLR")
+    assert p["scheduler.T_max"] == "4"  # resolved, not "${trainer.epochs}"
+    assert p["data.split_seed"] == "0" and p["trainer.device"] == "auto"
+    assert "experiment=quickstart" in tags["hydra.overrides"]
+    assert run.info.run_name.startswith("experiment=quickstart")
+    assert tags["device"] == "cpu" and tags["torch.version"] == torch.__version__
+    assert tags["sketchsweep.run_dir"] == str(run_dir)
+    if (PROJECT_ROOT / ".git").exists():
+        assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+
+
+def test_quickstart_artifacts_and_run_folder(quickstart):
+    _, run_dir, store, tmp = quickstart
+    client, run = only_run(store, "quickstart")
+    files = {"config.yaml", "classes.json", "model_weights.pth", "best_model_weights.pth", "checkpoint.pt"}
+    assert files | {".hydra/config.yaml", ".hydra/overrides.yaml", "train.log"} <= artifact_paths(
+        client, run.info.run_id
+    )
+    assert files | {"train.log"} <= {p.name for p in run_dir.iterdir()}
+    # Artifacts live beside the store (absolute), never in ./mlruns of the folder the job ran in.
+    assert run.info.artifact_uri.startswith((tmp / "mlruns").as_uri())
+    assert not (tmp / "mlruns" / "0").exists() and not (run_dir / "mlruns").exists()
+    # The final weights load into SketchCNN as the seed's model_weights.pth did.
+    model = SketchCNN(10, width=16)
+    model.load_state_dict(torch.load(run_dir / "model_weights.pth", weights_only=True))
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 4/4" in log and "run folder" in log
+
+
+def test_quickstart_logged_model_predicts_like_the_best_weights(quickstart):
+    _, run_dir, store, tmp = quickstart
+    mlflow.set_tracking_uri(store)
+    _, run = only_run(store, "quickstart")
+    [logged] = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+    loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    ds = load_folder(next((tmp / "data").iterdir()))
+    x = to_input(torch.from_numpy(ds.images[::97]))  # a batch of 62: the batch axis is dynamic
+    best = SketchCNN(10, width=16).eval()
+    best.load_state_dict(torch.load(run_dir / "best_model_weights.pth", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), best(x), rtol=1e-4, atol=1e-4)
+
+
+def test_quickstart_prints_accuracy_folder_and_ui(quickstart):
+    proc, run_dir, _, _ = quickstart
+    out = proc.stdout + proc.stderr
+    assert "val_acc" in out and f"run folder: {run_dir}" in out and "make ui" in out
+    assert "\r" not in out  # not a terminal: plain lines, no progress bar
+
+
+def test_progress_bar_on_a_terminal(tiny_data, tmp_path, store):
+    main, child = pty.openpty()
+    # A new pty is 0x0; give it a real terminal's size so tqdm has columns to draw in.
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sketchsweep.train", *tiny_overrides(tiny_data, store, tmp_path / "run")],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdin=child,
+        stdout=child,
+        stderr=child,
+    )
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    out = b"".join(chunks).decode(errors="replace")
+    assert "epoch 1/3" in out and "batch" in out and "\r" in out
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    ov = ["trainer.epochs=12", "trainer.batch_size=64", "model.dropout=0.5"]
+
+    full = train_cli(tiny_overrides(tiny_data, store, tmp_path / "full", *ov), cwd=tmp_path)
+    assert full.returncode == 0, full.stdout + full.stderr
+
+    cut_dir = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sketchsweep.train", *tiny_overrides(tiny_data, store, cut_dir, *ov)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (cut_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "trainer.resume=" in out
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("sketchsweep")
+    runs = {r.data.tags["sketchsweep.run_dir"]: r for r in client.search_runs([exp.experiment_id])}
+    killed = runs[str(cut_dir)]
+    assert killed.info.status == "KILLED"
+    ckpt = torch.load(cut_dir / "checkpoint.pt", weights_only=True)
+    assert 1 <= ckpt["epoch"] < 12 and ckpt["mlflow_run_id"] == killed.info.run_id
+
+    resume_dir = tmp_path / "resumed"
+    resumed = train_cli(
+        tiny_overrides(tiny_data, store, resume_dir, *ov, f"trainer.resume={cut_dir / 'checkpoint.pt'}"), cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a = torch.load(tmp_path / "full" / "model_weights.pth", weights_only=True)
+    b = torch.load(resume_dir / "model_weights.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    run = next(
+        r for r in client.search_runs([exp.experiment_id]) if r.data.tags["sketchsweep.run_dir"] == str(resume_dir)
+    )
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["sketchsweep.resumed_from_run"] == killed.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == list(range(1, 13))
+
+
+def test_exception_mid_run_marks_the_run_failed_with_traceback(tiny_data, tmp_path, store):
+    proc = train_cli(
+        tiny_overrides(tiny_data, store, tmp_path / "run", "optimizer=sgd", "optimizer.lr=1e30"), cwd=tmp_path
+    )
+    assert proc.returncode != 0
+    client, run = only_run(store)
+    assert run.info.status == "FAILED"
+    assert "error.txt" in artifact_paths(client, run.info.run_id)
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
+    assert "FloatingPointError" in text and "training loss is" in text
+
+
+def test_bad_data_file_is_one_clear_error_before_any_run(tmp_path):
+    data = tmp_path / "qd"
+    data.mkdir()
+    np.save(data / "cat.npy", np.zeros((10, 784), np.uint8))
+    np.save(data / "dog.npy", np.zeros((10, 28, 28), np.uint8))
+    db = tmp_path / "mlruns" / "mlflow.db"
+    proc = train_cli(["data=quickdraw", f"data.root={data}", f"mlflow.tracking_uri=sqlite:///{db}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    out = proc.stdout + proc.stderr
+    assert f"{data / 'dog.npy'}: has shape (10, 28, 28); expected" in out
+    assert "Traceback" not in out
+    assert not db.exists()
+
+
+def test_missing_root_and_bad_resume_are_clear_errors(tmp_path, tiny_data):
+    proc = train_cli(["data=quickdraw", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'db'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "data.root: not set" in proc.stdout + proc.stderr
+    proc = train_cli(
+        ["data=quickdraw", f"data.root={tiny_data}", f"trainer.resume={tmp_path / 'nope.pt'}"], cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "trainer.resume:" in proc.stdout + proc.stderr and "does not exist" in proc.stdout
+
+
+def test_multirun_jobs_share_one_store(tiny_data, tmp_path, store):
+    ov = tiny_overrides(tiny_data, store, tmp_path / "unused", "trainer.epochs=1")
+    ov = [o for o in ov if not o.startswith("hydra.run.dir")]
+    proc = train_cli(["-m", *ov, "model.width=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("sketchsweep").experiment_id])
+    assert sorted(r.data.params["model.width"] for r in runs) == ["4", "8"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_default_store_is_absolute_under_the_project(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri(None) == f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert tracking.tracking_uri(None) == "http://127.0.0.1:9"
+    assert tracking.tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.skipif(not SHARED_QUICKDRAW.is_dir(), reason="real Quick, Draw! data not present in ../shared/data")
+def test_trains_on_real_quickdraw_drawings(tmp_path, store):
+    cfg = compose_config(
+        [
+            "data=quickdraw",
+            f"data.root={SHARED_QUICKDRAW}",
+            "data.classes=[apple,bicycle,star,house]",
+            "data.max_per_class=400",
+            "model.width=8",
+            "trainer.epochs=2",
+            "trainer.batch_size=64",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.log_model=false",
+        ]
+    )
+    value = train(cfg, tmp_path / "run")
+    assert value > 0.6  # 4 classes: chance is 0.25
+    _, run = only_run(store)
+    assert run.info.status == "FINISHED" and run.data.metrics["best_val_acc"] == value
