@@ -106,6 +106,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def warn_config_changes(before: dict[str, Any], now: dict[str, Any]) -> None:
+    """Resuming uses the config given now; say which settings differ from the checkpoint's,
+    since a changed recipe means the result is no longer one uninterrupted run."""
+    ignore = ("trainer.resume", "trainer.epochs", "mlflow.")
+    a, b = tracking.flatten(before), tracking.flatten(now)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(ignore))
+    for k in changed:
+        log.warning("resuming with %s=%s; the checkpoint was trained with %s", k, b.get(k), a.get(k))
+
+
 def is_better(value: float, best: float | None, objective: str) -> bool:
     if best is None:
         return True
@@ -160,6 +170,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     (run_dir / "classes.json").write_text(json.dumps(data.class_names, indent=1) + "\n")
+
+    if ckpt is not None:
+        warn_config_changes(ckpt.get("config", {}), resolved)
 
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = tracking.setup_experiment(uri, cfg.mlflow.experiment_name, cfg.mlflow.artifact_root)

@@ -32,3 +32,15 @@ def test_bad_arguments_are_named():
         SketchCNN(num_classes=1)
     with pytest.raises(ValueError, match="dropout"):
         SketchCNN(num_classes=3, dropout=1.5)
+
+
+def test_core_imports_without_hydra_or_mlflow():
+    """Benchmarks run on machines with only torch and numpy: the core must not need more."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules.update(hydra=None, omegaconf=None, mlflow=None, tqdm=None)\n"
+        "import sketchsweep.data, sketchsweep.model, sketchsweep.engine\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
