@@ -299,3 +299,63 @@ def test_trains_on_real_quickdraw_drawings(tmp_path, store):
     assert value > 0.6  # 4 classes: chance is 0.25
     _, run = only_run(store)
     assert run.info.status == "FINISHED" and run.data.metrics["best_val_acc"] == value
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_serves_the_run_metrics_and_artifacts(quickstart):
+    """What `make ui` starts, on the quickstart store: the run, its metrics and its files."""
+    import json
+    import urllib.request
+
+    _, _, store, tmp = quickstart
+    _, run = only_run(store, "quickstart")
+    port = free_port()
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            store,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(base + path, timeout=10) as r:
+            return r.read()
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                get("/health")
+                break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
+                time.sleep(0.5)
+        got = json.loads(get(f"/api/2.0/mlflow/runs/get?run_id={run.info.run_id}"))["run"]
+        assert got["info"]["status"] == "FINISHED"
+        assert {m["key"] for m in got["data"]["metrics"]} >= set(EPOCH_METRICS)
+        files = json.loads(get(f"/ajax-api/2.0/mlflow/artifacts/list?run_id={run.info.run_id}"))["files"]
+        assert {"checkpoint.pt", "model_weights.pth", "config.yaml"} <= {f["path"] for f in files}
+        assert b"model:" in get(f"/get-artifact?path=config.yaml&run_uuid={run.info.run_id}")
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
