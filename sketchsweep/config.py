@@ -74,11 +74,9 @@ class AdamConfig:
 
 
 @dataclass
-class AdamWConfig:
+class AdamWConfig(AdamConfig):
     _target_: str = "torch.optim.AdamW"
-    lr: float = 1e-3
     weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
 
 
 @dataclass

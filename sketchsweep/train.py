@@ -11,7 +11,6 @@ Returns the objective (``trainer.objective`` at the run's best epoch) so sweeper
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ log = logging.getLogger("sketchsweep")
 CHECKPOINT = "checkpoint.pt"  # resumable: model, optimizer, scheduler, epoch, RNG, history, best
 FINAL_WEIGHTS = "model_weights.pth"  # state_dict after the last epoch, as the seed saved it
 BEST_WEIGHTS = "best_model_weights.pth"  # state_dict of the best epoch (by trainer.objective)
+VAL_METRICS = ("val_loss", "val_acc", "val_top3")
 
 
 class ConfigError(ValueError):
@@ -128,10 +128,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.trainer
-    objective = t.objective.value if hasattr(t.objective, "value") else str(t.objective)
+    objective = t.objective.value
 
     # Everything that can be wrong with the input is checked before a run or file is created.
-    device = pick_device(t.device.value if hasattr(t.device, "value") else str(t.device))
+    if t.epochs < 1 or t.batch_size < 2 or t.eval_batch_size < 1:
+        raise ConfigError(
+            f"trainer: expected epochs >= 1, batch_size >= 2, eval_batch_size >= 1; got epochs={t.epochs}, "
+            f"batch_size={t.batch_size}, eval_batch_size={t.eval_batch_size}"
+        )
+    device = pick_device(t.device.value)
     data = load_data(cfg.data)
     ckpt = load_checkpoint(t.resume) if t.resume else None
     if ckpt is not None and ckpt.get("class_names") != data.class_names:
@@ -216,7 +221,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
             scheduler.step()
             history.append(metrics)
             if is_better(metrics[objective], best["value"], objective):
-                best = {"epoch": epoch, "value": metrics[objective], "model": copy.deepcopy(model.state_dict())}
+                weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best = {"epoch": epoch, "value": metrics[objective], "model": weights}
             rng = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
             if device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -236,27 +242,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
                 run_dir / CHECKPOINT,
             )
             run.log_metrics(metrics, step=epoch)
+            shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("train_loss", "train_acc", *VAL_METRICS))
             log.info(
-                "epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  val_top3 %.4f  "
-                "lr %.2e  %.1fs  %.0f img/s",
-                epoch,
-                t.epochs,
-                metrics["train_loss"],
-                metrics["train_acc"],
-                metrics["val_loss"],
-                metrics["val_acc"],
-                metrics["val_top3"],
-                lr,
-                metrics["epoch_seconds"],
-                metrics["train_images_per_sec"],
+                "epoch %d/%d  %s  lr %.2e  %.1fs  %.0f img/s",
+                *(epoch, t.epochs, shown, lr, metrics["epoch_seconds"], metrics["train_images_per_sec"]),
             )
 
         final, at_best = history[-1], history[best["epoch"] - 1]
-        summary = {f"best_{k}": at_best[k] for k in ("val_acc", "val_top3", "val_loss")}
-        summary |= {
-            "best_epoch": best["epoch"],
-            **{f"final_{k}": final[k] for k in ("val_acc", "val_top3", "val_loss")},
-        }
+        summary = {"best_epoch": best["epoch"]}
+        summary |= {f"best_{k}": at_best[k] for k in VAL_METRICS} | {f"final_{k}": final[k] for k in VAL_METRICS}
         run.log_metrics(summary, step=t.epochs)
         torch.save(model.state_dict(), run_dir / FINAL_WEIGHTS)
         torch.save(best["model"], run_dir / BEST_WEIGHTS)

@@ -359,3 +359,11 @@ def test_mlflow_ui_serves_the_run_metrics_and_artifacts(quickstart):
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+
+
+def test_impossible_trainer_settings_are_named(tmp_path):
+    from sketchsweep.train import ConfigError
+
+    with pytest.raises(ConfigError, match="epochs >= 1"):
+        train(compose_config(["trainer.epochs=0"]), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
