@@ -45,6 +45,16 @@ class SyntheticConfig:
 
 
 @dataclass
+class AugmentConfig:
+    # Off by default, as in the seed recipe. Applied per batch on the training device.
+    enabled: bool = False
+    degrees: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.1  # fraction of the image side
+    hflip: bool = False
+
+
+@dataclass
 class DataConfig:
     source: DataSource = DataSource.synthetic
     # Folder of <class>.npy files. For synthetic data: where generated sets are cached
@@ -53,8 +63,10 @@ class DataConfig:
     classes: list[str] | None = None  # a subset of class names; null: all
     max_per_class: int | None = None  # keep the first N rows of each class
     val_fraction: float = 0.1
+    test_fraction: float = 0.0  # > 0: a held-out test split, scored once at the end with the best weights
     split_seed: int = 0  # the validation split; independent of the training seed
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass

@@ -8,6 +8,7 @@ once per epoch: a ``.item()`` per step would stall a GPU on every batch.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,33 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.view(-1, 1, 28, 28).float().mul_(2.0 / 255.0).sub_(1.0)
 
 
+def random_affine(
+    x: torch.Tensor,
+    degrees: float = 10.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    translate: float = 0.1,
+    hflip: bool = False,
+) -> torch.Tensor:
+    """Augment a normalized batch ``(B, 1, 28, 28)``: each image gets its own random rotation
+    (±degrees), scale, shift (± a fraction of the side) and, if asked, a 50% horizontal flip.
+
+    One ``affine_grid`` + ``grid_sample`` for the whole batch on its device: no per-image Python.
+    """
+    b, dev = x.shape[0], x.device
+    angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(degrees)
+    zoom = torch.empty(b, device=dev).uniform_(scale[0], scale[1])
+    shift = (torch.rand(b, 2, device=dev) * 2 - 1) * (2 * translate)  # grid coordinates span 2 per side
+    flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0) if hflip else torch.ones(b, device=dev)
+    # The grid maps output pixels to input pixels, so it holds the inverse transform.
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Shift so the background is 0 while sampling: pixels pulled from outside the image stay background.
+    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+
+
 def train_one_epoch(
     model: nn.Module,
     data: Split,
@@ -39,6 +67,7 @@ def train_one_epoch(
     batch_size: int,
     generator: torch.Generator,
     on_step: Callable[[], None] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One pass over ``data`` in the order drawn from ``generator`` (a CPU generator, so the
     order is reproducible and its state can be checkpointed). Returns loss, accuracy, timing."""
@@ -54,6 +83,8 @@ def train_one_epoch(
         if len(idx) < 2:  # BatchNorm cannot train on a batch of one image
             break
         x, y = to_input(data.images[idx]), data.labels[idx]
+        if augment is not None:
+            x = augment(x)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -75,8 +106,8 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Split, batch_size: int = 1024) -> dict[str, float]:
-    """Loss, top-1 and top-3 accuracy of ``model`` on ``data``."""
+def evaluate(model: nn.Module, data: Split, batch_size: int = 1024, prefix: str = "val") -> dict[str, float]:
+    """Loss, top-1 and top-3 accuracy of ``model`` on ``data``, as ``<prefix>_loss`` etc."""
     model.eval()
     device = data.labels.device
     loss_sum = torch.zeros((), device=device)
@@ -90,4 +121,4 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 1024) -> dict[str,
         top1 += (best[:, 0] == y).sum()
         top3 += (best == y[:, None]).any(dim=1).sum()
     n = len(data)
-    return {"val_loss": loss_sum.item() / n, "val_acc": top1.item() / n, "val_top3": top3.item() / n}
+    return {f"{prefix}_loss": loss_sum.item() / n, f"{prefix}_acc": top1.item() / n, f"{prefix}_top3": top3.item() / n}

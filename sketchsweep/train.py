@@ -11,6 +11,7 @@ Returns the objective (``trainer.objective`` at the run's best epoch) so sweeper
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from sketchsweep import tracking
 from sketchsweep.config import PROJECT_ROOT, DataSource, register_configs
 from sketchsweep.data import DataError, Dataset, load_folder, stratified_split, write_synthetic
-from sketchsweep.engine import Split, evaluate, train_one_epoch
+from sketchsweep.engine import Split, evaluate, random_affine, train_one_epoch
 from sketchsweep.model import SketchCNN, count_parameters
 
 log = logging.getLogger("sketchsweep")
@@ -41,6 +42,7 @@ CHECKPOINT = "checkpoint.pt"  # resumable: model, optimizer, scheduler, epoch, R
 FINAL_WEIGHTS = "model_weights.pth"  # state_dict after the last epoch, as the seed saved it
 BEST_WEIGHTS = "best_model_weights.pth"  # state_dict of the best epoch (by trainer.objective)
 VAL_METRICS = ("val_loss", "val_acc", "val_top3")
+TEST_METRICS = ("test_loss", "test_acc", "test_top3")
 
 
 class ConfigError(ValueError):
@@ -144,7 +146,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
             f"trainer.resume: the checkpoint's classes {ckpt.get('class_names')} differ from the data's "
             f"{data.class_names}; resume with the data config it was trained on"
         )
-    train_idx, val_idx = stratified_split(data.labels, cfg.data.val_fraction, cfg.data.split_seed)
+    train_idx, val_idx, test_idx = stratified_split(
+        data.labels, data.class_names, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.test_fraction
+    )
 
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)  # data order; checkpointed with the run
@@ -175,6 +179,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     (run_dir / "classes.json").write_text(json.dumps(data.class_names, indent=1) + "\n")
+    # Indices into the loaded data (classes in sorted order, rows in file order).
+    np.savez_compressed(run_dir / "split.npz", train=train_idx, val=val_idx, test=test_idx)
+    aug = cfg.data.augment
+    augment = None
+    if aug.enabled:
+        augment = functools.partial(
+            random_affine, degrees=aug.degrees, scale=tuple(aug.scale), translate=aug.translate, hflip=aug.hflip
+        )
 
     if ckpt is not None:
         warn_config_changes(ckpt.get("config", {}), resolved)
@@ -213,7 +225,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         for epoch in range(start_epoch + 1, t.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             with progress_bar(len(train_split), t.batch_size, f"epoch {epoch}/{t.epochs}") as on_step:
-                metrics = train_one_epoch(model, train_split, optimizer, t.batch_size, shuffle, on_step)
+                metrics = train_one_epoch(model, train_split, optimizer, t.batch_size, shuffle, on_step, augment)
             if not math.isfinite(metrics["train_loss"]):
                 raise FloatingPointError(f"training loss is {metrics['train_loss']} at epoch {epoch} (lr {lr:g})")
             metrics |= evaluate(model, val_split, t.eval_batch_size)
@@ -251,12 +263,17 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         final, at_best = history[-1], history[best["epoch"] - 1]
         summary = {"best_epoch": best["epoch"]}
         summary |= {f"best_{k}": at_best[k] for k in VAL_METRICS} | {f"final_{k}": final[k] for k in VAL_METRICS}
-        run.log_metrics(summary, step=t.epochs)
         torch.save(model.state_dict(), run_dir / FINAL_WEIGHTS)
         torch.save(best["model"], run_dir / BEST_WEIGHTS)
-        run.log_files([run_dir / n for n in ("config.yaml", "classes.json", FINAL_WEIGHTS, BEST_WEIGHTS, CHECKPOINT)])
+        model.load_state_dict(best["model"])
+        if len(test_idx):  # scored once, with the weights the run keeps
+            summary |= evaluate(model, to_device(test_idx), t.eval_batch_size, prefix="test")
+            log.info("test (best epoch's weights): %s", "  ".join(f"{k} {summary[k]:.4f}" for k in TEST_METRICS))
+        run.log_metrics(summary, step=t.epochs)
+        run.log_files(
+            [run_dir / n for n in ("config.yaml", "classes.json", "split.npz", FINAL_WEIGHTS, BEST_WEIGHTS, CHECKPOINT)]
+        )
         if cfg.mlflow.log_model:
-            model.load_state_dict(best["model"])
             run.log_model(model.cpu().eval(), to_input_numpy(data.images[val_idx[:2]]))
         log.info(
             "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",

@@ -49,20 +49,21 @@ def test_google_file_names_subset_and_cap(tmp_path):
         load_folder(root, classes=["cow", "cat"])
 
 
-def test_float_images_are_accepted_in_range(tmp_path):
-    root = make_folder(tmp_path, {"a.npy": bitmaps(3) / 255.0, "b.npy": bitmaps(3).astype(np.float32)})
+def test_floats_in_unit_range_and_square_images_are_accepted(tmp_path):
+    root = make_folder(tmp_path, {"a.npy": bitmaps(3) / 255.0, "b.npy": bitmaps(3).reshape(3, 28, 28)})
     ds = load_folder(root)
     np.testing.assert_array_equal(ds.images[:3], bitmaps(3))
     np.testing.assert_array_equal(ds.images[3:], bitmaps(3))
 
 
 BAD_FILES = {
-    "wrong shape": (lambda p: np.save(p, np.zeros((5, 28, 28), np.uint8)), "shape"),
+    "wrong shape": (lambda p: np.save(p, np.zeros((5, 100), np.uint8)), "shape"),
+    "wrong image size": (lambda p: np.save(p, np.zeros((5, 32, 32), np.uint8)), "shape"),
     "1-d": (lambda p: np.save(p, np.zeros(784, np.uint8)), "shape"),
     "no rows": (lambda p: np.save(p, np.zeros((0, 784), np.uint8)), "no rows"),
-    "out of range": (lambda p: np.save(p, np.full((2, 784), 300.0)), r"\[0, 255\]"),
-    "negative ints": (lambda p: np.save(p, np.full((2, 784), -1, np.int16)), r"\[0, 255\]"),
-    "nan": (lambda p: np.save(p, np.full((2, 784), np.nan)), r"\[0, 255\]"),
+    "floats over 1": (lambda p: np.save(p, np.full((2, 784), 255.0)), r"floats in \[0, 1\]"),
+    "ints": (lambda p: np.save(p, np.full((2, 784), 1, np.int64)), "dtype int64"),
+    "nan": (lambda p: np.save(p, np.full((2, 784), np.nan)), r"floats in \[0, 1\]"),
     "strings": (lambda p: np.save(p, np.full((2, 784), "x")), "dtype"),
     "pickled objects": (lambda p: np.save(p, np.array([{"a": 1}] * 2, dtype=object)), "pickled object array"),
     "truncated": (lambda p: (np.save(p, bitmaps(50)), p.write_bytes(p.read_bytes()[:-1000])), "cannot be read"),
@@ -93,16 +94,45 @@ def test_missing_and_empty_folders(tmp_path):
         load_folder(root)
 
 
+NAMES = ["ant", "bee", "cat", "dog", "eel"]
+
+
 def test_split_is_stratified_seeded_and_disjoint():
     labels = np.repeat(np.arange(5), [100, 50, 30, 20, 10])
-    train, val = stratified_split(labels, 0.1, seed=3)
+    train, val, test = stratified_split(labels, NAMES, 0.1, seed=3)
+    assert len(test) == 0
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(labels)
     assert np.bincount(labels[val]).tolist() == [10, 5, 3, 2, 1]
-    again = stratified_split(labels, 0.1, seed=3)
-    np.testing.assert_array_equal(val, again[1])
-    assert not np.array_equal(val, stratified_split(labels, 0.1, seed=4)[1])
+    np.testing.assert_array_equal(val, stratified_split(labels, NAMES, 0.1, seed=3)[1])
+    assert not np.array_equal(val, stratified_split(labels, NAMES, 0.1, seed=4)[1])
     with pytest.raises(DataError, match="val_fraction"):
-        stratified_split(labels, 1.5, seed=0)
+        stratified_split(labels, NAMES, 1.5, seed=0)
+
+
+def test_split_with_a_test_fraction():
+    labels = np.repeat(np.arange(5), 40)
+    train, val, test = stratified_split(labels, NAMES, 0.1, seed=0, test_fraction=0.2)
+    assert np.bincount(labels[test]).tolist() == [8] * 5 and np.bincount(labels[val]).tolist() == [4] * 5
+    assert len(np.union1d(np.union1d(train, val), test)) == len(labels) == len(train) + len(val) + len(test)
+    with pytest.raises(DataError, match="too few"):
+        stratified_split(np.array([0, 0, 1, 1]), NAMES[:2], 0.1, seed=0, test_fraction=0.1)
+
+
+def test_a_class_split_does_not_depend_on_the_other_classes():
+    """Same split_seed -> same validation drawings of "dog", whichever classes sit beside it."""
+    labels = np.repeat(np.arange(3), 50)
+    _, val_a, _ = stratified_split(labels, ["cat", "dog", "eel"], 0.2, seed=0)
+    _, val_b, _ = stratified_split(labels, ["ant", "bee", "dog"], 0.2, seed=0)
+    np.testing.assert_array_equal(val_a[labels[val_a] == 1] - 50, val_b[labels[val_b] == 2] - 100)
+
+
+def test_duplicate_class_names_after_prefix_stripping(tmp_path):
+    root = make_folder(
+        tmp_path, {"cat.npy": bitmaps(3), "full_numpy_bitmap_cat.npy": bitmaps(3), "dog.npy": bitmaps(3)}
+    )
+    with pytest.raises(DataError, match="'cat' is also given by") as err:
+        load_folder(root)
+    assert "full_numpy_bitmap_cat.npy" in str(err.value)
 
 
 def test_synthetic_is_deterministic_and_in_the_real_format(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from sketchsweep.data import load_folder
-from sketchsweep.engine import Split, evaluate, to_input, train_one_epoch
+from sketchsweep.engine import Split, evaluate, random_affine, to_input, train_one_epoch
 from sketchsweep.model import SketchCNN
 
 
@@ -43,3 +43,29 @@ def test_evaluate_counts_every_image_once():
 
     m = evaluate(Const(), Split(torch.zeros(7, 784, dtype=torch.uint8), labels), batch_size=3)
     assert np.isclose(m["val_acc"], 3 / 7)
+
+
+def test_random_affine_identity_and_per_image_variation(tiny_data):
+    ds = load_folder(tiny_data)
+    x = to_input(torch.from_numpy(ds.images[:64]))
+    same = random_affine(x, degrees=0.0, scale=(1.0, 1.0), translate=0.0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    y = random_affine(x, degrees=15.0, scale=(0.8, 1.2), translate=0.1, hflip=True)
+    assert y.shape == x.shape
+    assert y.min() >= -1.0 - 1e-5 and y.max() <= 1.0 + 1e-5
+    # Corners stay background: pixels pulled from outside the image are background, not grey.
+    assert torch.allclose(y[:, :, 0, 0], torch.full_like(y[:, :, 0, 0], -1.0))
+    changed = (y - x).abs().flatten(1).mean(1)
+    assert (changed > 0.01).float().mean() > 0.9  # nearly every image moved, each differently
+    assert len(set(changed.round(decimals=4).tolist())) > 50
+
+
+def test_hflip_mirrors_the_image():
+    x = -torch.ones(8, 1, 28, 28)
+    x[:, :, 10:18, 2:6] = 1.0  # a bar near the left edge
+    torch.manual_seed(1)
+    y = random_affine(x, degrees=0.0, scale=(1.0, 1.0), translate=0.0, hflip=True)
+    flipped = [bool(torch.allclose(y[i], x[i].flip(-1), atol=1e-5)) for i in range(8)]
+    kept = [bool(torch.allclose(y[i], x[i], atol=1e-5)) for i in range(8)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)

@@ -367,3 +367,27 @@ def test_impossible_trainer_settings_are_named(tmp_path):
     with pytest.raises(ConfigError, match="epochs >= 1"):
         train(compose_config(["trainer.epochs=0"]), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_augmentation_and_a_held_out_test_split(tiny_data, tmp_path, store):
+    cfg = compose_config(
+        [
+            "data=quickdraw",
+            f"data.root={tiny_data}",
+            "data.test_fraction=0.2",
+            "data.augment.enabled=true",
+            "data.augment.hflip=true",
+            "model.width=8",
+            "trainer.epochs=2",
+            "trainer.batch_size=32",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.log_model=false",
+        ]
+    )
+    train(cfg, tmp_path / "run")
+    client, run = only_run(store)
+    assert run.info.status == "FINISHED" and run.data.params["data.augment.enabled"] == "True"
+    assert {"test_acc", "test_top3", "test_loss"} <= run.data.metrics.keys()
+    split = np.load(tmp_path / "run" / "split.npz")
+    assert len(split["test"]) == 4 * 24 and len(split["val"]) == 4 * 12  # 120 per class: 20% / 10%
+    assert "split.npz" in artifact_paths(client, run.info.run_id)

@@ -6,6 +6,7 @@ that names the file and says what was expected.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,12 @@ def list_class_files(root: str | Path) -> dict[str, Path]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder; expected a folder of {EXPECTED}")
-    files = {class_name(p): p for p in sorted(root.glob("*.npy"))}
+    files: dict[str, Path] = {}
+    for p in sorted(root.glob("*.npy")):
+        name = class_name(p)
+        if name in files:  # cat.npy next to full_numpy_bitmap_cat.npy: which one is "cat"?
+            raise DataError(f"{p}: class name {name!r} is also given by {files[name]}; keep one file per class")
+        files[name] = p
     if not files:
         raise DataError(f"data.root: {root} has no .npy files; expected one per class, each {EXPECTED}")
     return dict(sorted(files.items()))
@@ -48,7 +54,9 @@ def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             _, _, dtype = read_header(f)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot be read as .npy (no valid NumPy header: {e}); expected {EXPECTED}") from None
@@ -59,24 +67,22 @@ def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # truncated data, permissions...
         raise DataError(f"{path}: cannot be read as .npy ({type(e).__name__}: {e}); expected {EXPECTED}") from None
-    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[1] != 784:
-        shape = getattr(arr, "shape", None)
-        raise DataError(f"{path}: has shape {shape}; expected {EXPECTED}")
+    shape = getattr(arr, "shape", None)
+    flat = isinstance(arr, np.ndarray) and arr.ndim == 2 and shape[1] == 784
+    square = isinstance(arr, np.ndarray) and arr.ndim == 3 and shape[1:] == (28, 28)
+    if not (flat or square):
+        raise DataError(f"{path}: has shape {shape}; expected {EXPECTED} (or (N, 28, 28))")
     if arr.shape[0] == 0:
         raise DataError(f"{path}: has no rows; expected {EXPECTED}")
-    rows = np.asarray(arr[:max_rows] if max_rows else arr)
+    rows = np.asarray(arr[:max_rows] if max_rows else arr).reshape(-1, 784)
     if rows.dtype == np.uint8:
         return np.ascontiguousarray(rows)
-    if rows.dtype.kind in "iu" or rows.dtype.kind == "f":
-        lo, hi = (float(rows.min()), float(rows.max())) if rows.size else (0.0, 0.0)
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
-            raise DataError(
-                f"{path}: {rows.dtype} values span [{lo}, {hi}]; expected uint8, or integers/floats in [0, 255]"
-            )
-        # Floats that all sit in [0, 1] are taken as [0, 1] images.
-        scale = 255.0 if rows.dtype.kind == "f" and hi <= 1.0 else 1.0
-        return np.rint(rows.astype(np.float32) * scale).astype(np.uint8)
-    raise DataError(f"{path}: has dtype {rows.dtype}; expected {EXPECTED}")
+    if rows.dtype.kind == "f":
+        lo, hi = float(rows.min()), float(rows.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 1:
+            raise DataError(f"{path}: {rows.dtype} values span [{lo}, {hi}]; expected uint8, or floats in [0, 1]")
+        return np.rint(rows * 255.0).astype(np.uint8)
+    raise DataError(f"{path}: has dtype {rows.dtype}; expected {EXPECTED} (or floats in [0, 1])")
 
 
 def load_folder(root: str | Path, classes: list[str] | None = None, max_per_class: int | None = None) -> Dataset:
@@ -96,21 +102,32 @@ def load_folder(root: str | Path, classes: list[str] | None = None, max_per_clas
     return Dataset(np.concatenate(arrays), labels, list(files))
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-class split into (train, val) indices.
+def stratified_split(
+    labels: np.ndarray, class_names: list[str], val_fraction: float, seed: int, test_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded per-class split into (train, val, test) indices; test is empty unless asked for.
 
-    It depends only on the labels, ``val_fraction`` and ``seed`` (``data.split_seed``), never on
-    the training seed, so every run of a sweep is scored on the same validation images.
+    Each class is shuffled by a generator seeded from ``seed`` (``data.split_seed``) and the
+    class's name, so a class's split does not depend on the training seed, on which other
+    classes were loaded, or on their order on disk: every run of a sweep is scored on the same
+    validation images.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"data.val_fraction: expected a number in (0, 1), got {val_fraction}")
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
-        if n_val < 1:
-            raise DataError(f"class {c} has {len(idx)} image(s); a train/val split needs at least 2")
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    if not 0.0 < val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise DataError(
+            f"data.val_fraction / data.test_fraction: expected 0 < val, 0 <= test, val + test < 1; "
+            f"got {val_fraction} and {test_fraction}"
+        )
+    parts: tuple[list, list, list] = ([], [], [])
+    for c, name in enumerate(class_names):
+        idx = np.flatnonzero(labels == c)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        idx = idx[rng.permutation(len(idx))]
+        n_val = max(1, round(val_fraction * len(idx)))
+        n_test = max(1, round(test_fraction * len(idx))) if test_fraction > 0 else 0
+        if n_val + n_test >= len(idx):
+            raise DataError(f"class {name!r} has {len(idx)} image(s): too few to split into train/val/test")
+        parts[1].append(idx[:n_val])
+        parts[2].append(idx[n_val : n_val + n_test])
+        parts[0].append(idx[n_val + n_test :])
+    train, val, test = (np.sort(np.concatenate(p)).astype(np.int64) for p in parts)
+    return train, val, test
