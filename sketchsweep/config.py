@@ -62,6 +62,9 @@ class DataConfig:
     root: str | None = None
     classes: list[str] | None = None  # a subset of class names; null: all
     max_per_class: int | None = None  # keep the first N rows of each class
+    # Data up to this size is loaded whole (onto the GPU when training there); larger data is
+    # streamed from disk. null: half the RAM (and at most half the GPU's memory).
+    max_memory_gb: float | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.0  # > 0: a held-out test split, scored once at the end with the best weights
     split_seed: int = 0  # the validation split; independent of the training seed

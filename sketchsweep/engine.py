@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +20,32 @@ from torch import nn
 
 @dataclass
 class Split:
+    """A split resident on the training device. ``sketchsweep.data.stream.StreamingSplit`` is the
+    same interface for data that does not fit: ``len``, ``device`` and ``batches``."""
+
     images: torch.Tensor  # uint8 (N, 784), on the training device
     labels: torch.Tensor  # int64 (N,), on the training device
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(uint8 images, labels)`` batches: in order, or shuffled by ``generator`` (a CPU
+        generator, so the order is reproducible and its state can be checkpointed)."""
+        if generator is None:
+            for i in range(0, len(self), batch_size):
+                yield self.images[i : i + batch_size], self.labels[i : i + batch_size]
+            return
+        order = torch.randperm(len(self), generator=generator).to(self.device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            yield self.images[idx], self.labels[idx]
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -69,20 +90,16 @@ def train_one_epoch(
     on_step: Callable[[], None] | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``data`` in the order drawn from ``generator`` (a CPU generator, so the
-    order is reproducible and its state can be checkpointed). Returns loss, accuracy, timing."""
+    """One pass over ``data`` in the order drawn from ``generator``. Returns loss, accuracy, timing."""
     model.train()
     start = time.perf_counter()
-    device = data.labels.device
-    order = torch.randperm(len(data), generator=generator).to(device)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=data.device)
+    correct = torch.zeros((), device=data.device, dtype=torch.long)
     seen = 0
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        if len(idx) < 2:  # BatchNorm cannot train on a batch of one image
+    for images, y in data.batches(batch_size, generator):
+        if len(y) < 2:  # BatchNorm cannot train on a batch of one image
             break
-        x, y = to_input(data.images[idx]), data.labels[idx]
+        x = to_input(images)
         if augment is not None:
             x = augment(x)
         logits = model(x)
@@ -90,9 +107,9 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(idx)
+        seen += len(y)
         if on_step is not None:
             on_step()
     loss_val = loss_sum.item() / seen  # the one device sync of the epoch
@@ -109,13 +126,11 @@ def train_one_epoch(
 def evaluate(model: nn.Module, data: Split, batch_size: int = 1024, prefix: str = "val") -> dict[str, float]:
     """Loss, top-1 and top-3 accuracy of ``model`` on ``data``, as ``<prefix>_loss`` etc."""
     model.eval()
-    device = data.labels.device
-    loss_sum = torch.zeros((), device=device)
-    top1 = torch.zeros((), device=device, dtype=torch.long)
-    top3 = torch.zeros((), device=device, dtype=torch.long)
-    for i in range(0, len(data), batch_size):
-        x, y = to_input(data.images[i : i + batch_size]), data.labels[i : i + batch_size]
-        logits = model(x)
+    loss_sum = torch.zeros((), device=data.device)
+    top1 = torch.zeros((), device=data.device, dtype=torch.long)
+    top3 = torch.zeros((), device=data.device, dtype=torch.long)
+    for images, y in data.batches(batch_size):
+        logits = model(to_input(images))
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         best = logits.topk(min(3, logits.shape[1]), dim=1).indices
         top1 += (best[:, 0] == y).sum()

@@ -33,6 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from sketchsweep import tracking
 from sketchsweep.config import PROJECT_ROOT, DataSource, register_configs
 from sketchsweep.data import DataError, Dataset, load_folder, stratified_split, write_synthetic
+from sketchsweep.data.folder import class_labels, open_class_file, select_files
+from sketchsweep.data.stream import RowReader, StreamingSplit
 from sketchsweep.engine import Split, evaluate, random_affine, train_one_epoch
 from sketchsweep.model import SketchCNN, count_parameters
 
@@ -57,8 +59,11 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def load_data(cfg: DictConfig) -> Dataset:
-    """Read (and for synthetic data, first generate) the dataset; every problem is a DataError."""
+def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
+    """Read (and for synthetic data, first generate) the dataset; every problem is a DataError.
+
+    Data within ``data.max_memory_gb`` is loaded whole (and later moved to the device); larger
+    data stays on disk and is streamed (``Dataset.images`` is then a ``RowReader``)."""
     if cfg.source == DataSource.synthetic:
         s = cfg.synthetic
         root = Path(cfg.root) if cfg.root else PROJECT_ROOT / "data" / "synthetic"
@@ -67,7 +72,28 @@ def load_data(cfg: DictConfig) -> Dataset:
         if not cfg.root:
             raise DataError("data.root: not set; expected data.root=PATH, a folder with one <class>.npy per class")
         folder = Path(cfg.root).expanduser()
-    return load_folder(folder, list(cfg.classes) if cfg.classes else None, cfg.max_per_class)
+    classes = list(cfg.classes) if cfg.classes else None
+    files = select_files(folder, classes, cfg.max_per_class)
+    counts = [min(len(open_class_file(p)), cfg.max_per_class or sys.maxsize) for p in files.values()]
+    size, budget = sum(counts) * 784, memory_budget(cfg.max_memory_gb, device)
+    if size <= budget:
+        return load_folder(folder, classes, cfg.max_per_class)
+    log.info(
+        "data is %.2f GB, over the %.2f GB budget (data.max_memory_gb): streaming from disk", size / 1e9, budget / 1e9
+    )
+    reader = RowReader(list(files.values()), cfg.max_per_class)
+    return Dataset(reader, class_labels(reader.counts), list(files))  # type: ignore[arg-type]
+
+
+def memory_budget(max_memory_gb: float | None, device: torch.device) -> float:
+    """Bytes of images to hold in memory: data.max_memory_gb, or half the RAM (and, on a GPU,
+    at most half its memory, since resident data is moved there)."""
+    if max_memory_gb is not None:
+        return max_memory_gb * 1e9
+    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.get_device_properties(device).total_memory / 2)
+    return budget
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -139,7 +165,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
             f"batch_size={t.batch_size}, eval_batch_size={t.eval_batch_size}"
         )
     device = pick_device(t.device.value)
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, device)
     ckpt = load_checkpoint(t.resume) if t.resume else None
     if ckpt is not None and ckpt.get("class_names") != data.class_names:
         raise ConfigError(
@@ -171,7 +197,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         history, best = ckpt["history"], ckpt["best"]
     start_epoch = len(history)
 
-    def to_device(idx: np.ndarray) -> Split:
+    def to_device(idx: np.ndarray) -> Split | StreamingSplit:
+        if isinstance(data.images, RowReader):
+            return StreamingSplit(data.images, data.labels, idx, device)
         return Split(torch.from_numpy(data.images[idx]).to(device), torch.from_numpy(data.labels[idx]).to(device))
 
     train_split, val_split = to_device(train_idx), to_device(val_idx)

@@ -45,8 +45,11 @@ def test_google_file_names_subset_and_cap(tmp_path):
     assert ds.class_names == ["cat", "traffic light"]
     assert len(ds.images) == 8
     np.testing.assert_array_equal(ds.images[4:], bitmaps(6, seed=1)[:4])  # first N rows
-    with pytest.raises(DataError, match=r"data.classes: \['cow'\] not found"):
+    with pytest.raises(DataError, match=r"data\.classes: unknown class 'cow'; no close match in the folder"):
         load_folder(root, classes=["cow", "cat"])
+    with pytest.raises(DataError, match="did you mean 'traffic light'"):
+        load_folder(root, classes=["trafic light"])
+    assert load_folder(root, classes=["traffic_light", "dog"]).class_names == ["dog", "traffic light"]
 
 
 def test_floats_in_unit_range_and_square_images_are_accepted(tmp_path):

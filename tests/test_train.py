@@ -11,6 +11,7 @@ import subprocess
 import sys
 import termios
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -241,12 +242,12 @@ def test_bad_data_file_is_one_clear_error_before_any_run(tmp_path):
     data = tmp_path / "qd"
     data.mkdir()
     np.save(data / "cat.npy", np.zeros((10, 784), np.uint8))
-    np.save(data / "dog.npy", np.zeros((10, 28, 28), np.uint8))
+    np.save(data / "dog.npy", np.zeros((10, 100), np.uint8))
     db = tmp_path / "mlruns" / "mlflow.db"
     proc = train_cli(["data=quickdraw", f"data.root={data}", f"mlflow.tracking_uri=sqlite:///{db}"], cwd=tmp_path)
     assert proc.returncode == 2
     out = proc.stdout + proc.stderr
-    assert f"{data / 'dog.npy'}: has shape (10, 28, 28); expected" in out
+    assert f"{data / 'dog.npy'}: has shape (10, 100); expected" in out
     assert "Traceback" not in out
     assert not db.exists()
 
@@ -284,8 +285,7 @@ def test_default_store_is_absolute_under_the_project(monkeypatch, tmp_path):
 def test_trains_on_real_quickdraw_drawings(tmp_path, store):
     cfg = compose_config(
         [
-            "data=quickdraw",
-            f"data.root={SHARED_QUICKDRAW}",
+            "experiment=quickdraw24",  # the preset that reads ../shared/data/quickdraw
             "data.classes=[apple,bicycle,star,house]",
             "data.max_per_class=400",
             "model.width=8",
@@ -297,8 +297,9 @@ def test_trains_on_real_quickdraw_drawings(tmp_path, store):
     )
     value = train(cfg, tmp_path / "run")
     assert value > 0.6  # 4 classes: chance is 0.25
-    _, run = only_run(store)
+    _, run = only_run(store, "quickdraw24")
     assert run.info.status == "FINISHED" and run.data.metrics["best_val_acc"] == value
+    assert Path(run.data.params["data.root"]).resolve() == SHARED_QUICKDRAW.resolve()
 
 
 def free_port() -> int:

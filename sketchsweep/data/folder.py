@@ -49,8 +49,9 @@ def list_class_files(root: str | Path) -> dict[str, Path]:
     return dict(sorted(files.items()))
 
 
-def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
-    """Read one class file as ``uint8 (N, 784)``, validating what is actually on disk."""
+def open_class_file(path: Path) -> np.ndarray:
+    """Memory-map one class file after checking its header: ``(N, 784)`` or ``(N, 28, 28)``,
+    at least one row, not an object array. Nothing but the header is read."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -74,6 +75,12 @@ def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
         raise DataError(f"{path}: has shape {shape}; expected {EXPECTED} (or (N, 28, 28))")
     if arr.shape[0] == 0:
         raise DataError(f"{path}: has no rows; expected {EXPECTED}")
+    return arr
+
+
+def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
+    """Read one class file as ``uint8 (N, 784)``, validating what is actually on disk."""
+    arr = open_class_file(path)
     rows = np.asarray(arr[:max_rows] if max_rows else arr).reshape(-1, 784)
     if rows.dtype == np.uint8:
         return np.ascontiguousarray(rows)
@@ -85,21 +92,30 @@ def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
     raise DataError(f"{path}: has dtype {rows.dtype}; expected {EXPECTED} (or floats in [0, 1])")
 
 
-def load_folder(root: str | Path, classes: list[str] | None = None, max_per_class: int | None = None) -> Dataset:
-    """Load every (or the chosen) class of a numpy_bitmap folder; labels follow sorted class names."""
+def select_files(root: str | Path, classes: list[str] | None = None, max_per_class: int | None = None) -> dict[str, Path]:
+    """The class files to use, sorted by class name (labels are indices in this order)."""
     files = list_class_files(root)
     if classes:
-        missing = [c for c in classes if c not in files]
-        if missing:
-            raise DataError(f"data.classes: {missing} not found in {root}; available: {list(files)}")
-        files = {c: files[c] for c in sorted(set(classes))}
+        from sketchsweep.data.categories import check_classes  # categories imports this module
+
+        files = {c: files[c] for c in sorted(check_classes(classes, available=files))}
     if len(files) < 2:
         raise DataError(f"data.root: {root} gives {len(files)} class(es); expected at least 2 .npy files")
     if max_per_class is not None and max_per_class < 1:
         raise DataError(f"data.max_per_class: expected a positive integer, got {max_per_class}")
+    return files
+
+
+def load_folder(root: str | Path, classes: list[str] | None = None, max_per_class: int | None = None) -> Dataset:
+    """Load every (or the chosen) class of a numpy_bitmap folder into memory."""
+    files = select_files(root, classes, max_per_class)
     arrays = [read_class_file(p, max_per_class) for p in files.values()]
-    labels = np.concatenate([np.full(len(a), i, dtype=np.int64) for i, a in enumerate(arrays)])
-    return Dataset(np.concatenate(arrays), labels, list(files))
+    return Dataset(np.concatenate(arrays), class_labels([len(a) for a in arrays]), list(files))
+
+
+def class_labels(counts: list[int]) -> np.ndarray:
+    """Labels for classes stored one after another: [0]*counts[0] + [1]*counts[1] + ..."""
+    return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
 
 
 def stratified_split(
@@ -118,8 +134,11 @@ def stratified_split(
             f"got {val_fraction} and {test_fraction}"
         )
     parts: tuple[list, list, list] = ([], [], [])
+    # Loaders store classes as consecutive blocks: then each class is a range, found without
+    # scanning all labels once per class (345 scans of 50M labels would take minutes).
+    blocks = np.searchsorted(labels, np.arange(len(class_names) + 1)) if np.all(labels[1:] >= labels[:-1]) else None
     for c, name in enumerate(class_names):
-        idx = np.flatnonzero(labels == c)
+        idx = np.arange(blocks[c], blocks[c + 1]) if blocks is not None else np.flatnonzero(labels == c)
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         idx = idx[rng.permutation(len(idx))]
         n_val = max(1, round(val_fraction * len(idx)))

@@ -6,8 +6,8 @@ in a 0-255 box, aligned to 0) is centred on its bounding box inside a 256 box, s
 That gives strokes about 1.5 px wide and a margin of about 2 px.
 
 We draw directly at 28x28: each pixel's ink is its distance to the nearest segment turned into a
-coverage ramp one pixel wide, which is what an anti-aliased round-capped line looks like at
-this size. Whole batches are rendered with NumPy, no per-pixel Python.
+smooth (smoothstep) edge 1.2 px wide, which matches the stroke width and edge shading of real
+numpy_bitmap rows (benchmarks/RASTER.md). Whole batches are rendered with NumPy, no per-pixel Python.
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ def rasterize(
         dd = (d * d).sum(-1)
         t = np.clip((ap * d).sum(-1) / np.maximum(dd, 1e-12), 0.0, 1.0)
         dist = np.sqrt(((ap - t[..., None] * d) ** 2).sum(-1).min(axis=2))  # (B, P)
-        ink = np.clip(radius + 0.5 - dist, 0.0, 1.0)
+        # Smoothstep ramp 1.2 px wide centred on the line's edge: it keeps the ink mass (stroke width) of
+        # the old linear 1 px ramp but, like Google's bitmaps, has fewer exactly-255 pixels and more faint
+        # ones (benchmarks/RASTER.md).
+        u = np.clip((radius + 0.6 - dist) / 1.2, 0.0, 1.0)
+        ink = u * u * (3.0 - 2.0 * u)
         out[start : start + len(batch)] = np.rint(ink * 255.0).astype(np.uint8)
     return out
