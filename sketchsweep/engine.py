@@ -1,6 +1,6 @@
-"""Train one epoch and evaluate, on data that already lives on the training device.
+"""Train one epoch and evaluate, on data that lives on the training device (or streams to it).
 
-The whole split sits on the device as uint8 ``(N, 784)``; an epoch is a ``randperm`` and a loop
+The whole dataset sits on the device as uint8 ``(N, 784)``; an epoch is a ``randperm`` and a loop
 over index slices. Conversion to float and Normalize(0.5, 0.5) happen on the device per batch,
 so there is no per-sample Python and no DataLoader. Metrics are summed on the device and read
 once per epoch: a ``.item()`` per step would stall a GPU on every batch.
@@ -20,14 +20,17 @@ from torch import nn
 
 @dataclass
 class Split:
-    """A split resident on the training device. ``sketchsweep.data.stream.StreamingSplit`` is the
-    same interface for data that does not fit: ``len``, ``device`` and ``batches``."""
+    """A split of data resident on the training device: all images once, and this split's rows
+    as an index into them, so train/val/test never hold copies. ``StreamingSplit`` in
+    ``sketchsweep.data.stream`` has the same interface for data that does not fit.
+    """
 
     images: torch.Tensor  # uint8 (N, 784), on the training device
     labels: torch.Tensor  # int64 (N,), on the training device
+    index: torch.Tensor | None = None  # rows of this split (on the device); None: all rows
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.labels) if self.index is None else len(self.index)
 
     @property
     def device(self) -> torch.device:
@@ -38,11 +41,14 @@ class Split:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(uint8 images, labels)`` batches: in order, or shuffled by ``generator`` (a CPU
         generator, so the order is reproducible and its state can be checkpointed)."""
-        if generator is None:
+        if generator is None and self.index is None:
             for i in range(0, len(self), batch_size):
                 yield self.images[i : i + batch_size], self.labels[i : i + batch_size]
             return
-        order = torch.randperm(len(self), generator=generator).to(self.device)
+        order = self.index
+        if generator is not None:
+            perm = torch.randperm(len(self), generator=generator).to(self.device)
+            order = perm if order is None else order[perm]
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             yield self.images[idx], self.labels[idx]

@@ -197,10 +197,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         history, best = ckpt["history"], ckpt["best"]
     start_epoch = len(history)
 
+    if not isinstance(data.images, RowReader):  # resident: one copy on the device, splits index it
+        images, labels = torch.from_numpy(data.images).to(device), torch.from_numpy(data.labels).to(device)
+
     def to_device(idx: np.ndarray) -> Split | StreamingSplit:
         if isinstance(data.images, RowReader):
             return StreamingSplit(data.images, data.labels, idx, device)
-        return Split(torch.from_numpy(data.images[idx]).to(device), torch.from_numpy(data.labels[idx]).to(device))
+        return Split(images, labels, torch.from_numpy(idx).to(device))
 
     train_split, val_split = to_device(train_idx), to_device(val_idx)
 

@@ -69,3 +69,15 @@ def test_hflip_mirrors_the_image():
     flipped = [bool(torch.allclose(y[i], x[i].flip(-1), atol=1e-5)) for i in range(8)]
     kept = [bool(torch.allclose(y[i], x[i], atol=1e-5)) for i in range(8)]
     assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
+
+
+def test_a_split_indexes_shared_images_without_copying_them():
+    images = torch.arange(10, dtype=torch.uint8)[:, None].repeat(1, 784)
+    labels = torch.arange(10) % 3
+    split = Split(images, labels, torch.tensor([7, 2, 5, 9]))
+    assert len(split) == 4
+    in_order = torch.cat([x[:, 0] for x, _ in split.batches(3)]).tolist()
+    assert in_order == [7, 2, 5, 9]
+    batches = list(split.batches(3, torch.Generator().manual_seed(0)))
+    rows = torch.cat([x[:, 0] for x, _ in batches]).tolist()
+    assert sorted(rows) == [2, 5, 7, 9] and torch.cat([y for _, y in batches]).tolist() == [r % 3 for r in rows]
