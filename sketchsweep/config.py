@@ -147,6 +147,19 @@ class MLflowConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Set by sketchsweep's Optuna sweeper for each trial (leave unset when training by hand)."""
+
+    study_name: str | None = None
+    storage: str | None = None
+    trial_number: int | None = None
+    # What the job returns, in order: val_acc/val_top3/val_loss (at the best epoch),
+    # final_val_acc/..., num_parameters. The first is reported every epoch for pruning.
+    objectives: list[str] | None = None
+    parent_run_id: str | None = None  # the sweep's MLflow parent run
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -155,6 +168,7 @@ class Config:
     scheduler: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
 
 

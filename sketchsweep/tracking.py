@@ -22,6 +22,9 @@ from mlflow.tracking import MlflowClient
 
 from sketchsweep.config import PROJECT_ROOT
 
+# Set by the grid-multirun callback so jobs attach to the sweep's parent run.
+PARENT_RUN_ENV = "SKETCHSWEEP_PARENT_RUN_ID"
+
 
 def tracking_uri(configured: str | None) -> str:
     """``mlflow.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the project's SQLite store."""
@@ -105,7 +108,7 @@ def device_tags(device: torch.device) -> dict[str, str]:
 
 def run_name(overrides: list[str]) -> str:
     """A readable name from the command-line overrides, leaving out paths and store settings."""
-    skip = ("mlflow.", "hydra.", "data.root", "trainer.resume")
+    skip = ("mlflow.", "hydra.", "data.root", "trainer.resume", "sweep.")
     parts = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(skip)]
     name = ",".join(parts) or "defaults"
     return name if len(name) <= 120 else name[:117] + "..."
@@ -163,3 +166,133 @@ class Run:
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
         )
+
+
+class SweepRun:
+    """The MLflow parent run of a sweep; every trial's run is its child (``mlflow.parentRunId``).
+
+    Found again by the study's name when a sweep is resumed, so a study keeps one parent. Made
+    with ``MlflowClient`` rather than ``mlflow.start_run``: trials run in this process start their
+    own (fluent) runs, which must not nest under an active one."""
+
+    def __init__(self, config, study_name: str, space: dict[str, Any], objectives: list[str], directions: list[str]):
+        self.uri = tracking_uri(config.mlflow.tracking_uri)
+        experiment_id = setup_experiment(self.uri, config.mlflow.experiment_name, config.mlflow.artifact_root)
+        self.client = MlflowClient(self.uri)
+        found = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`sketchsweep.study` = '{study_name}' and tags.`sketchsweep.role` = 'sweep'",
+            max_results=1,
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {
+                "sketchsweep.role": "sweep",
+                "sketchsweep.study": study_name,
+                "search_space": "; ".join(f"{k}: {v}" for k, v in space.items())[:5000],
+                "objectives": ",".join(f"{o} ({d})" for o, d in zip(objectives, directions, strict=True)),
+                **git_state(),
+            }
+            self.run_id = self.client.create_run(experiment_id, run_name=study_name, tags=tags).info.run_id
+        self.objectives = objectives
+
+    def end(self, study, status: str) -> None:
+        """Log the study's result (best trial or Pareto front, trials table, plots) and close."""
+        try:
+            self._log_study(study)
+        finally:
+            self.client.set_terminated(self.run_id, status)
+
+    def _log_study(self, study) -> None:
+        import json
+        import tempfile
+
+        import optuna
+        from optuna.trial import TrialState
+
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+        for k, v in counts.items():
+            self.client.log_metric(self.run_id, f"trials_{k}", v)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            study.trials_dataframe().to_csv(out / "trials.csv", index=False)
+            best = []
+            if complete:
+                best = [study.best_trial] if len(study.directions) == 1 else study.best_trials
+                for name, value in zip(self.objectives, best[0].values, strict=True):
+                    if len(study.directions) == 1:
+                        self.client.log_metric(self.run_id, f"best_{name}", value)
+                self.client.set_tag(self.run_id, "best_trial", str(best[0].number))
+                for k, v in best[0].params.items():
+                    self.client.set_tag(self.run_id, f"best.{k}", str(v))
+            summary = [{"number": t.number, "values": t.values, "params": t.params} for t in best]
+            (out / "best_trials.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+            self._plots(study, out, len(complete), optuna)
+            for p in out.iterdir():
+                self.client.log_artifact(self.run_id, str(p))
+
+    def _plots(self, study, out: Path, n_complete: int, optuna) -> None:
+        """Optuna's matplotlib plots as PNG; a plot the study cannot support yet is skipped."""
+        import logging
+        import warnings
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as vis
+
+        multi = len(study.directions) > 1
+        plots = {"parallel_coordinates": lambda: vis.plot_parallel_coordinate(study, **self._target(multi))}
+        if multi:
+            plots["pareto_front"] = lambda: vis.plot_pareto_front(study, target_names=self.objectives)
+        else:
+            plots["optimization_history"] = lambda: vis.plot_optimization_history(study)
+        if n_complete >= 2:
+            plots["param_importances"] = lambda: vis.plot_param_importances(study, **self._target(multi))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+            for name, make in plots.items():
+                try:
+                    ax = make()
+                    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                    fig.tight_layout()
+                    fig.savefig(out / f"{name}.png", dpi=100)
+                    plt.close(fig)
+                except Exception as e:  # e.g. importances when every trial has the same params
+                    logging.getLogger("sketchsweep").warning("plot %s skipped: %s", name, e)
+
+    def _target(self, multi: bool) -> dict[str, Any]:
+        # Multi-objective plots that show one value need to be told which (the first objective).
+        return {"target": lambda t: t.values[0], "target_name": self.objectives[0]} if multi else {}
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # the core runs without Hydra; this callback is only used through it
+    Callback = object  # type: ignore[misc,assignment]
+
+
+class MultirunParent(Callback):
+    """A Hydra callback: one MLflow parent run for a plain multirun (Hydra's basic sweeper), so a
+    grid's jobs are grouped like an Optuna sweep's trials. The Optuna sweeper makes its own."""
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        self.run = None
+        if "sketchsweep_optuna" in str(config.hydra.sweeper.get("_target_", "")):
+            return
+        uri = tracking_uri(config.mlflow.tracking_uri)
+        experiment_id = setup_experiment(uri, config.mlflow.experiment_name, config.mlflow.artifact_root)
+        self.client = MlflowClient(uri)
+        name = f"multirun {' '.join(config.hydra.overrides.task)}"[:250]
+        tags = {"sketchsweep.role": "multirun", "sketchsweep.sweep_dir": str(config.hydra.sweep.dir), **git_state()}
+        self.run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        os.environ[PARENT_RUN_ENV] = self.run.info.run_id
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        if self.run is not None:
+            self.client.set_terminated(self.run.info.run_id, "FINISHED")
+            os.environ.pop(PARENT_RUN_ENV, None)

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ CHECKPOINT = "checkpoint.pt"  # resumable: model, optimizer, scheduler, epoch, R
 FINAL_WEIGHTS = "model_weights.pth"  # state_dict after the last epoch, as the seed saved it
 BEST_WEIGHTS = "best_model_weights.pth"  # state_dict of the best epoch (by trainer.objective)
 VAL_METRICS = ("val_loss", "val_acc", "val_top3")
+# What a sweep may optimize: best-epoch values, last-epoch values, and the model's size.
+SWEEP_OBJECTIVES = (*VAL_METRICS, *(f"final_{k}" for k in VAL_METRICS), "best_epoch", "num_parameters")
 TEST_METRICS = ("test_loss", "test_acc", "test_top3")
 
 
@@ -172,6 +175,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
             f"trainer.resume: the checkpoint's classes {ckpt.get('class_names')} differ from the data's "
             f"{data.class_names}; resume with the data config it was trained on"
         )
+    objectives = list(cfg.sweep.objectives or [])
+    unknown = [o for o in objectives if o not in SWEEP_OBJECTIVES]
+    if unknown:
+        raise ConfigError(f"sweep objective(s) {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
     train_idx, val_idx, test_idx = stratified_split(
         data.labels, data.class_names, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.test_fraction
     )
@@ -224,7 +231,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
 
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = tracking.setup_experiment(uri, cfg.mlflow.experiment_name, cfg.mlflow.artifact_root)
+    link, name, sw = None, tracking.run_name(list(overrides)), cfg.sweep
+    if sw.trial_number is not None:
+        from sketchsweep.trial import TrialLink  # optuna is only needed inside a sweep
+
+        link, name = TrialLink(sw.study_name, sw.storage, sw.trial_number), f"trial-{sw.trial_number}"
+    parent = sw.parent_run_id or os.environ.get(tracking.PARENT_RUN_ENV)
     tags = {
+        **({"mlflow.parentRunId": parent} if parent else {}),
+        **({"optuna.study": sw.study_name, "optuna.trial": str(sw.trial_number)} if link else {}),
         **tracking.git_state(),
         **tracking.device_tags(device),
         "hydra.overrides": " ".join(overrides),
@@ -248,11 +263,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     )
 
     with (
-        tracking.Run(uri, experiment_id, tracking.run_name(list(overrides)), tracking.flatten(resolved), tags) as run,
+        tracking.Run(uri, experiment_id, name, tracking.flatten(resolved), tags) as run,
         sigterm_as_interrupt(),
     ):
         for epoch, metrics in enumerate(history, start=1):  # a resumed run carries the whole curve
             run.log_metrics(metrics, step=epoch)
+        pruned_at = None
         for epoch in range(start_epoch + 1, t.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             with progress_bar(len(train_split), t.batch_size, f"epoch {epoch}/{t.epochs}") as on_step:
@@ -290,6 +306,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
                 "epoch %d/%d  %s  lr %.2e  %.1fs  %.0f img/s",
                 *(epoch, t.epochs, shown, lr, metrics["epoch_seconds"], metrics["train_images_per_sec"]),
             )
+            watched = objectives[0] if objectives and objectives[0] in metrics else objective
+            if link is not None and epoch < t.epochs and link.report(metrics[watched], epoch):
+                pruned_at = epoch
+                log.info("trial %d pruned after epoch %d (%s %.4f)", link.number, epoch, watched, metrics[watched])
+                run.set_tags({"pruned": "true", "pruned_at_epoch": str(epoch)})
+                break
 
         final, at_best = history[-1], history[best["epoch"] - 1]
         summary = {"best_epoch": best["epoch"]}
@@ -304,7 +326,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         run.log_files(
             [run_dir / n for n in ("config.yaml", "classes.json", "split.npz", FINAL_WEIGHTS, BEST_WEIGHTS, CHECKPOINT)]
         )
-        if cfg.mlflow.log_model:
+        if pruned_at is not None:
+            link.mark_pruned()
+        elif cfg.mlflow.log_model:
             run.log_model(model.cpu().eval(), to_input_numpy(data.images[val_idx[:2]]))
         log.info(
             "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",
@@ -318,6 +342,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         log.info("MLflow run %s in experiment '%s' at %s", run.id, cfg.mlflow.experiment_name, uri)
         log.info("open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri %s)", uri)
         run.log_files([run_dir / ".hydra", run_dir / "train.log"])  # last, so the log is complete
+    if device.type == "cuda":  # trials in one process must not pile up GPU memory
+        del model, optimizer, train_split, val_split
+        torch.cuda.empty_cache()
+    if objectives:
+        outcome = {k: at_best[k] for k in VAL_METRICS} | summary | {"num_parameters": float(tags["num_parameters"])}
+        values = tuple(float(outcome[o]) for o in objectives)
+        return values[0] if len(values) == 1 else values
     return float(best["value"])
 
 
@@ -345,7 +376,7 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | tuple[float, ...]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
@@ -355,6 +386,13 @@ def main(cfg: DictConfig) -> float:
             raise  # let the sweeper record this job as failed
         log.error("%s", e)
         sys.exit(2)
+    except Exception as e:
+        # The sweeper keeps the exception of a failed trial; drop the frames' locals (model,
+        # optimizer, data on the GPU) so the next trial starts with the memory free.
+        traceback.clear_frames(e.__traceback__)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise
     except KeyboardInterrupt:
         ckpt = run_dir / CHECKPOINT
         if ckpt.exists():

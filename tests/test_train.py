@@ -261,14 +261,17 @@ def test_missing_root_and_bad_resume_are_clear_errors(tmp_path, tiny_data):
     assert proc.returncode == 2 and "trainer.resume:" in proc.stdout + proc.stderr and "does not exist" in proc.stdout
 
 
-def test_multirun_jobs_share_one_store(tiny_data, tmp_path, store):
+def test_grid_multirun_jobs_share_one_store_under_one_parent(tiny_data, tmp_path, store):
     ov = tiny_overrides(tiny_data, store, tmp_path / "unused", "trainer.epochs=1")
     ov = [o for o in ov if not o.startswith("hydra.run.dir")]
     proc = train_cli(["-m", *ov, "model.width=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("sketchsweep").experiment_id])
-    assert sorted(r.data.params["model.width"] for r in runs) == ["4", "8"]
+    [parent] = [r for r in runs if r.data.tags.get("sketchsweep.role") == "multirun"]
+    jobs = [r for r in runs if r is not parent]
+    assert sorted(r.data.params["model.width"] for r in jobs) == ["4", "8"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in jobs)
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
