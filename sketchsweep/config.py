@@ -157,6 +157,8 @@ class SweepConfig:
     # final_val_acc/..., num_parameters. The first is reported every epoch for pruning.
     objectives: list[str] | None = None
     parent_run_id: str | None = None  # the sweep's MLflow parent run
+    pruner: str = "none"  # the study's pruner: Optuna does not store it with the study
+    pruner_kwargs: str | None = None  # its arguments, as JSON
 
 
 @dataclass

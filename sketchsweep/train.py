@@ -235,7 +235,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     if sw.trial_number is not None:
         from sketchsweep.trial import TrialLink  # optuna is only needed inside a sweep
 
-        link, name = TrialLink(sw.study_name, sw.storage, sw.trial_number), f"trial-{sw.trial_number}"
+        link = TrialLink(sw.study_name, sw.storage, sw.trial_number, sw.pruner, sw.pruner_kwargs)
+        name = f"trial-{sw.trial_number}"
     parent = sw.parent_run_id or os.environ.get(tracking.PARENT_RUN_ENV)
     tags = {
         **({"mlflow.parentRunId": parent} if parent else {}),

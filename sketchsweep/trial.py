@@ -8,10 +8,25 @@ joblib, submitit), not only when the job runs inside the sweeper's process.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
+def make_pruner(name: str, kwargs: dict | None = None) -> optuna.pruners.BasePruner:
+    if name not in PRUNERS:
+        raise ValueError(f"hydra.sweeper.pruner={name}: expected one of {sorted(PRUNERS)}")
+    return PRUNERS[name](**(kwargs or {}))
 
 
 def open_storage(spec: str) -> optuna.storages.BaseStorage | str:
@@ -27,8 +42,15 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage | str:
 class TrialLink:
     """This job's trial, for intermediate reports and pruning."""
 
-    def __init__(self, study_name: str, storage: str, trial_number: int) -> None:
-        self.study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    def __init__(
+        self, study_name: str, storage: str, trial_number: int, pruner: str, pruner_kwargs: str | None
+    ) -> None:
+        # The pruner is not kept in the storage: the sweeper passes it (name and JSON arguments).
+        self.study = optuna.load_study(
+            study_name=study_name,
+            storage=open_storage(storage),
+            pruner=make_pruner(pruner, json.loads(pruner_kwargs) if pruner_kwargs else None),
+        )
         trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)
         self.trial = optuna.trial.Trial(self.study, trial_id)
         self.number = trial_number

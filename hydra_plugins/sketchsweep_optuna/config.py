@@ -1,6 +1,6 @@
 """``hydra/sweeper=optuna``: the sweeper's config, registered when Hydra scans ``hydra_plugins``."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -11,11 +11,12 @@ class OptunaSweeperConf:
     _target_: str = "hydra_plugins.sketchsweep_optuna.sweeper.OptunaSweeper"
     # tpe | random | cmaes | gp | grid | nsgaii, with their constructor arguments
     sampler: str = "tpe"
-    sampler_kwargs: dict[str, Any] = field(default_factory=dict)
+    # null by default rather than {}: so that hydra.sweeper.sampler_kwargs={...} can set new keys
+    sampler_kwargs: Any = None
     seed: int | None = None
     # median | percentile | successive_halving | hyperband | none, with their constructor arguments
     pruner: str = "median"
-    pruner_kwargs: dict[str, Any] = field(default_factory=dict)
+    pruner_kwargs: Any = None
     # One metric and direction, or lists of them for a multi-objective study. Metrics: val_acc,
     # val_top3, val_loss (at the trial's best epoch), final_val_acc, ..., num_parameters.
     objective: Any = "val_acc"
@@ -25,7 +26,7 @@ class OptunaSweeperConf:
     study_name: str | None = None  # null: derived from the search space, so the same command resumes
     storage: str | None = None  # Optuna storage URL or a .journal path; null: <project>/mlruns/optuna/<study>.journal
     max_failures: int = 3  # failed trials tolerated before the sweep gives up
-    params: dict[str, str] = field(default_factory=dict)  # search space in Hydra's override grammar
+    params: Any = None  # search space in Hydra's override grammar
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="sketchsweep")

@@ -9,6 +9,7 @@ file by default), so re-running a killed sweep continues it: ``n_trials`` is the
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from typing import Any
@@ -32,13 +33,6 @@ SAMPLERS = {
     "gp": optuna.samplers.GPSampler,
     "grid": optuna.samplers.GridSampler,
     "nsgaii": optuna.samplers.NSGAIISampler,
-}
-PRUNERS = {
-    "median": optuna.pruners.MedianPruner,
-    "percentile": optuna.pruners.PercentilePruner,
-    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    "hyperband": optuna.pruners.HyperbandPruner,
-    "none": optuna.pruners.NopPruner,
 }
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -84,9 +78,12 @@ class OptunaSweeper(Sweeper):
                 f"hydra.sweeper: {len(self.objectives)} objective(s) {self.objectives} but "
                 f"{len(self.directions)} direction(s) {self.directions}; give one direction per objective"
             )
-        for key, table in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
-            if conf[key] not in table:
-                raise ValueError(f"hydra.sweeper.{key}={conf[key]}: expected one of {sorted(table)}")
+        if conf["sampler"] not in SAMPLERS:
+            raise ValueError(f"hydra.sweeper.sampler={conf['sampler']}: expected one of {sorted(SAMPLERS)}")
+
+    @property
+    def pruner_kwargs(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self.conf.pruner_kwargs) if self.conf.pruner_kwargs else {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
@@ -97,7 +94,7 @@ class OptunaSweeper(Sweeper):
 
     # -- study ---------------------------------------------------------------------------------
     def _sampler(self, space: dict[str, BaseDistribution]) -> optuna.samplers.BaseSampler:
-        kwargs = dict(self.conf.sampler_kwargs)
+        kwargs = dict(self.conf.sampler_kwargs or {})
         if self.conf.seed is not None:
             kwargs.setdefault("seed", self.conf.seed)
         if self.conf.sampler == "grid":
@@ -127,20 +124,19 @@ class OptunaSweeper(Sweeper):
     # -- sweep ---------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
         from sketchsweep.tracking import SweepRun
-        from sketchsweep.trial import open_storage
+        from sketchsweep.trial import make_pruner, open_storage
 
-        params = [f"{k}={v}" for k, v in self.conf.params.items()]
+        params = [f"{k}={v}" for k, v in (self.conf.params or {}).items()]
         space, fixed = search_space([*params, *arguments])
         if not space:
             raise ValueError("hydra.sweeper: no search space; give hydra.sweeper.params or sweep overrides")
         name = self._study_name(space, fixed)
         storage_spec = self._storage(name)
-        pruner_cls = PRUNERS[self.conf.pruner]
         study = optuna.create_study(
             study_name=name,
             storage=open_storage(storage_spec),
             sampler=self._sampler(space),
-            pruner=pruner_cls(**dict(self.conf.pruner_kwargs)),
+            pruner=make_pruner(self.conf.pruner, self.pruner_kwargs),
             directions=[d if isinstance(d, str) else str(d) for d in self.directions],
             load_if_exists=True,
         )
@@ -195,6 +191,8 @@ class OptunaSweeper(Sweeper):
             f"sweep.trial_number={trial.number}",
             f"sweep.objectives=[{','.join(self.objectives)}]",
             f"sweep.parent_run_id={parent_run_id}",
+            f"sweep.pruner={self.conf.pruner}",
+            f"sweep.pruner_kwargs='{json.dumps(self.pruner_kwargs)}'",
         ]
         return (*(f"{k}={v}" for k, v in trial.params.items()), *(f"{k}={v}" for k, v in fixed.items()), *sweep)
 

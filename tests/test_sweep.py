@@ -1,0 +1,193 @@
+"""Optuna sweeps through `python -m sketchsweep.train -m`: pruning, failures, resume, MLflow structure."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from sketchsweep.trial import open_storage
+from tests.conftest import cli_env, train_cli
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def sweep_args(tiny_data, tmp_path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "hydra/sweeper=optuna",
+        "data=quickdraw",
+        f"data.root={tiny_data}",
+        "model.width=4",
+        "model.hidden=16",
+        "trainer.epochs=4",
+        "trainer.batch_size=32",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        "mlflow.log_model=false",
+        f"hydra.sweeper.storage={tmp_path / 'study.journal'}",
+        "hydra.sweeper.study_name=test",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra.sweeper.seed=0",
+        *extra,
+    ]
+
+
+def load(tmp_path) -> optuna.Study:
+    return optuna.load_study(study_name="test", storage=open_storage(str(tmp_path / "study.journal")))
+
+
+def runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sketchsweep")
+    all_runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in all_runs if r.data.tags.get("sketchsweep.role") == "sweep"]
+    return client, parents, [r for r in all_runs if r not in parents]
+
+
+def test_bad_learning_rates_are_pruned_and_runs_nest_under_the_study(tiny_data, tmp_path):
+    proc = train_cli(
+        sweep_args(
+            tiny_data,
+            tmp_path,
+            "hydra.sweeper.n_trials=6",
+            "hydra.sweeper.sampler=grid",
+            "hydra.sweeper.pruner_kwargs={n_startup_trials:2,n_warmup_steps:0}",
+            "optimizer.lr=choice(0.01,0.005,0.003,1e-7,1e-8,1e-9)",
+        ),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = load(tmp_path)
+    states = [t.state for t in study.trials]
+    assert len(study.trials) == 6 and TrialState.FAIL not in states
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, [(t.params, t.state) for t in study.trials]
+    assert all(max(t.intermediate_values) < 4 for t in pruned)  # stopped before the last epoch
+    assert any(t.params["optimizer.lr"] < 1e-6 for t in pruned)  # the hopeless region is cut short
+    assert study.best_params["optimizer.lr"] > 1e-3
+    assert len({t.params["optimizer.lr"] for t in study.trials}) == 6
+
+    client, [parent], children = runs(tmp_path)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "test"
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert sorted(c.info.run_name for c in children) == [f"trial-{i}" for i in range(6)]
+    by_trial = {int(c.data.tags["optuna.trial"]): c for c in children}
+    for t in pruned:
+        tags = by_trial[t.number].data.tags
+        assert tags["pruned"] == "true" and int(tags["pruned_at_epoch"]) == max(t.intermediate_values)
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_trials.json", "optimization_history.png", "parallel_coordinates.png"} <= files
+    assert "param_importances.png" in files
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(study.best_value)
+    assert parent.data.tags["best.optimizer.lr"] == str(study.best_params["optimizer.lr"])
+
+
+def test_a_failing_trial_does_not_end_the_sweep(tiny_data, tmp_path):
+    proc = train_cli(
+        sweep_args(
+            tiny_data,
+            tmp_path,
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler=random",
+            "hydra.sweeper.max_failures=10",
+            "optimizer=sgd",
+            "optimizer.lr=choice(0.01,1e30)",  # 1e30 blows the loss up: the trial raises
+        ),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = load(tmp_path)
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(done) == 3 and failed and all(t.params["optimizer.lr"] == 1e30 for t in failed)
+    client, _, children = runs(tmp_path)
+    bad = [c for c in children if c.info.status == "FAILED"]
+    assert len(bad) == len(failed)
+    assert all("error.txt" in {a.path for a in client.list_artifacts(c.info.run_id)} for c in bad)
+
+
+def test_too_many_failures_stop_the_sweep(tiny_data, tmp_path):
+    proc = train_cli(
+        sweep_args(
+            tiny_data,
+            tmp_path,
+            "hydra.sweeper.n_trials=5",
+            "hydra.sweeper.max_failures=1",
+            "optimizer=sgd",
+            "optimizer.lr=choice(1e30,2e30)",
+        ),
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "hydra.sweeper.max_failures=1" in proc.stdout + proc.stderr
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL, TrialState.FAIL]
+    _, [parent], _ = runs(tmp_path)
+    assert parent.info.status == "FAILED"
+
+
+def test_a_killed_sweep_resumes_without_rerunning_trials(tiny_data, tmp_path):
+    args = sweep_args(
+        tiny_data,
+        tmp_path,
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.pruner=none",
+        "optimizer.lr=tag(log,interval(1e-4,1e-2))",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sketchsweep.train", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before it could be killed"
+        if (tmp_path / "study.journal").exists():
+            trials = load(tmp_path).trials
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= 2:
+                break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    before = {t.number: t.params for t in load(tmp_path).trials if t.state == TrialState.COMPLETE}
+    assert 2 <= len(before) < 6
+
+    again = train_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trials = load(tmp_path).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 6, " ".join(f"{t.number}:{t.state.name}" for t in trials)  # n_trials is the total
+    assert {t.number: t.params for t in complete if t.number in before} == before  # kept, not re-run
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)  # nothing left RUNNING
+    _, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the study keeps one parent
+    assert sum(c.info.status == "FINISHED" for c in children) == 6
+
+
+def test_pareto_preset_returns_both_objectives(tiny_data, tmp_path):
+    proc = train_cli(
+        sweep_args(
+            tiny_data,
+            tmp_path,
+            "hparams_search=pareto",
+            "hydra.sweeper.n_trials=3",
+            "model.width=choice(4,8)",
+            "model.hidden=choice(16,32)",
+            "optimizer.lr=0.003",
+        ),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = load(tmp_path)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert all(len(t.values) == 2 and t.values[1] > 1000 for t in study.trials)  # (val_acc, parameters)
+    client, [parent], _ = runs(tmp_path)
+    assert "pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
