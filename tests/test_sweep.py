@@ -191,3 +191,49 @@ def test_pareto_preset_returns_both_objectives(tiny_data, tmp_path):
     assert all(len(t.values) == 2 and t.values[1] > 1000 for t in study.trials)  # (val_acc, parameters)
     client, [parent], _ = runs(tmp_path)
     assert "pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_search_space_grammar_maps_to_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.sketchsweep_optuna.sweeper import search_space
+
+    space, fixed = search_space(
+        [
+            "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+            "optimizer.weight_decay=interval(0, 0.1)",
+            "model.width=int(interval(8, 64))",
+            "model.hidden=choice(64, 128)",
+            "trainer.batch_size=range(64, 257, 64)",
+            "trainer.epochs=5",
+        ]
+    )
+    assert space["optimizer.lr"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert space["optimizer.weight_decay"] == FloatDistribution(0.0, 0.1)
+    assert space["model.width"] == IntDistribution(8, 64)
+    assert space["model.hidden"] == CategoricalDistribution([64, 128])
+    assert space["trainer.batch_size"] == CategoricalDistribution([64, 128, 192, 256])
+    assert fixed == {"trainer.epochs": "5"}
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "grid", "nsgaii"])
+def test_every_sampler_builds(sampler):
+    from optuna.distributions import CategoricalDistribution
+
+    from hydra_plugins.sketchsweep_optuna.config import OptunaSweeperConf
+    from hydra_plugins.sketchsweep_optuna.sweeper import OptunaSweeper
+
+    conf = {k: v for k, v in vars(OptunaSweeperConf(sampler=sampler, seed=1)).items() if k != "_target_"}
+    built = OptunaSweeper(**conf)._sampler({"model.width": CategoricalDistribution([8, 16])})
+    assert isinstance(built, optuna.samplers.BaseSampler)
+
+
+def test_unknown_sampler_and_mismatched_directions_are_named():
+    from hydra_plugins.sketchsweep_optuna.config import OptunaSweeperConf
+    from hydra_plugins.sketchsweep_optuna.sweeper import OptunaSweeper
+
+    base = {k: v for k, v in vars(OptunaSweeperConf()).items() if k != "_target_"}
+    with pytest.raises(ValueError, match=r"hydra\.sweeper\.sampler=bayes"):
+        OptunaSweeper(**{**base, "sampler": "bayes"})
+    with pytest.raises(ValueError, match="one direction per objective"):
+        OptunaSweeper(**{**base, "objective": ["val_acc", "num_parameters"]})
