@@ -32,7 +32,7 @@ def run_sweep(tmp: Path, pruner: str, args) -> dict:
     cmd = [
         sys.executable, "-m", "sketchsweep.train", "-m", "hydra/sweeper=optuna",
         f"hydra.sweeper.n_trials={args.trials}", "hydra.sweeper.seed=0", f"hydra.sweeper.pruner={pruner}",
-        "hydra.sweeper.pruner_kwargs={n_startup_trials:5,n_warmup_steps:2}" if pruner == "median" else "",
+        f"hydra.sweeper.pruner_kwargs={{n_startup_trials:5,n_warmup_steps:{args.warmup}}}" if pruner != "none" else "",
         f"hydra.sweeper.storage={journal}", "hydra.sweeper.study_name=bench",
         "optimizer.lr=tag(log,interval(1e-5,3e-2))", "optimizer.weight_decay=tag(log,interval(1e-6,1e-1))",
         "model.width=choice(4,8,16)", f"trainer.epochs={args.epochs}", "trainer.batch_size=128",
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--per-class", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=1, help="median pruner's n_warmup_steps (epochs never pruned)")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:

@@ -327,6 +327,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         run.log_files(
             [run_dir / n for n in ("config.yaml", "classes.json", "split.npz", FINAL_WEIGHTS, BEST_WEIGHTS, CHECKPOINT)]
         )
+        if link is not None:
+            run.set_tags({"optuna.state": "PRUNED" if pruned_at is not None else "COMPLETE"})
         if pruned_at is not None:
             link.mark_pruned()
         elif cfg.mlflow.log_model:

@@ -82,6 +82,8 @@ def test_bad_learning_rates_are_pruned_and_runs_nest_under_the_study(tiny_data, 
     for t in pruned:
         tags = by_trial[t.number].data.tags
         assert tags["pruned"] == "true" and int(tags["pruned_at_epoch"]) == max(t.intermediate_values)
+        assert tags["optuna.state"] == "PRUNED"
+    assert {c.data.tags["optuna.state"] for c in children} == {"PRUNED", "COMPLETE"}
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "best_trials.json", "optimization_history.png", "parallel_coordinates.png"} <= files
     assert "param_importances.png" in files

@@ -151,7 +151,7 @@ class OptunaSweeper(Sweeper):
             storage_spec,
         )
         parent = SweepRun(self.config, name, space, self.objectives, self.directions)
-        failures = 0
+        failures, trials = 0, []
         try:
             while done < self.conf.n_trials:
                 batch = min(self.conf.n_jobs, self.conf.n_trials - done)
@@ -178,7 +178,9 @@ class OptunaSweeper(Sweeper):
                                 f"{self.conf.max_failures}; the study {name} keeps what finished"
                             ) from e
                 done = len(study.get_trials(deepcopy=False, states=DONE))
-        except BaseException as e:  # Ctrl-C: KILLED; too many failures: FAILED
+        except BaseException as e:  # Ctrl-C: KILLED; too many failures or a bad override: FAILED
+            for trial in trials:  # a trial cut off here will never finish
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             parent.end(study, "FAILED" if isinstance(e, Exception) else "KILLED")
             raise
         parent.end(study, "FINISHED")
