@@ -239,3 +239,17 @@ def test_unknown_sampler_and_mismatched_directions_are_named():
         OptunaSweeper(**{**base, "sampler": "bayes"})
     with pytest.raises(ValueError, match="one direction per objective"):
         OptunaSweeper(**{**base, "objective": ["val_acc", "num_parameters"]})
+
+
+@pytest.mark.parametrize("preset", ["lr_width", "optimizer"])
+def test_presets_run(tiny_data, tmp_path, preset):
+    args = sweep_args(tiny_data, tmp_path, f"hparams_search={preset}", "hydra.sweeper.n_trials=2", "trainer.epochs=2")
+    if preset == "lr_width":  # keep its lr and weight decay ranges, shrink the model and batch choices
+        args = [a for a in args if not a.startswith("model.width")]
+        args += ["model.width=choice(4,8)", "trainer.batch_size=choice(32,64)"]
+    proc = train_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = load(tmp_path).trials
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    if preset == "optimizer":
+        assert {"optimizer", "scheduler", "optimizer.lr", "optimizer.weight_decay"} == set(trials[0].params)
