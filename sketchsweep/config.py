@@ -31,6 +31,13 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on CUDA devices that support it, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # with a gradient scaler
+
+
 class Objective(str, Enum):
     val_acc = "val_acc"
     val_top3 = "val_top3"
@@ -131,6 +138,8 @@ class TrainerConfig:
     batch_size: int = 256
     eval_batch_size: int = 1024
     device: Device = Device.auto
+    precision: Precision = Precision.auto
+    compile: bool = False  # torch.compile the model
     # What the run returns (and sweeps optimize): this metric at the run's best epoch.
     objective: Objective = Objective.val_acc
     resume: str | None = None  # path of a checkpoint.pt to continue from

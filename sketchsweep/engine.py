@@ -54,10 +54,38 @@ class Split:
             yield self.images[idx], self.labels[idx]
 
 
-def to_input(images: torch.Tensor) -> torch.Tensor:
+def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 ``(B, 784)`` in [0, 255] -> float ``(B, 1, 28, 28)`` in [-1, 1]:
     ToTensor's /255 then Normalize(mean=0.5, std=0.5), fused into one multiply-add."""
-    return images.view(-1, 1, 28, 28).float().mul_(2.0 / 255.0).sub_(1.0)
+    x = images.view(-1, 1, 28, 28).float().mul_(2.0 / 255.0).sub_(1.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@dataclass
+class Precision:
+    """How the forward pass runs: autocast dtype (None: fp32) and, for fp16, a gradient scaler.
+    BatchNorm and the loss stay fp32 under autocast."""
+
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device_type=device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def resolve_precision(choice: str, device: torch.device) -> Precision:
+    """``auto``: bf16 autocast on CUDA devices that support it, fp32 elsewhere."""
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    cuda = device.type == "cuda"
+    if choice == "fp32":
+        return Precision(channels_last=cuda)
+    if choice == "bf16":
+        return Precision(torch.bfloat16, channels_last=cuda)
+    if choice == "fp16":  # fp16 gradients underflow without loss scaling
+        return Precision(torch.float16, torch.amp.GradScaler(device.type), channels_last=cuda)
+    raise ValueError(f"trainer.precision={choice}: expected auto, fp32, bf16 or fp16")
 
 
 def random_affine(
@@ -95,8 +123,10 @@ def train_one_epoch(
     generator: torch.Generator,
     on_step: Callable[[], None] | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """One pass over ``data`` in the order drawn from ``generator``. Returns loss, accuracy, timing."""
+    precision = precision or Precision()
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=data.device)
@@ -105,14 +135,20 @@ def train_one_epoch(
     for images, y in data.batches(batch_size, generator):
         if len(y) < 2:  # BatchNorm cannot train on a batch of one image
             break
-        x = to_input(images)
+        x = to_input(images, precision.channels_last)
         if augment is not None:
             x = augment(x)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with precision.autocast(data.device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
@@ -129,14 +165,18 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Split, batch_size: int = 1024, prefix: str = "val") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: Split, batch_size: int = 1024, prefix: str = "val", precision: Precision | None = None
+) -> dict[str, float]:
     """Loss, top-1 and top-3 accuracy of ``model`` on ``data``, as ``<prefix>_loss`` etc."""
+    precision = precision or Precision()
     model.eval()
     loss_sum = torch.zeros((), device=data.device)
     top1 = torch.zeros((), device=data.device, dtype=torch.long)
     top3 = torch.zeros((), device=data.device, dtype=torch.long)
     for images, y in data.batches(batch_size):
-        logits = model(to_input(images))
+        with precision.autocast(data.device):
+            logits = model(to_input(images, precision.channels_last)).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         best = logits.topk(min(3, logits.shape[1]), dim=1).indices
         top1 += (best[:, 0] == y).sum()

@@ -36,7 +36,7 @@ from sketchsweep.config import PROJECT_ROOT, DataSource, register_configs
 from sketchsweep.data import DataError, Dataset, load_folder, stratified_split, write_synthetic
 from sketchsweep.data.folder import class_labels, open_class_file, select_files
 from sketchsweep.data.stream import RowReader, StreamingSplit
-from sketchsweep.engine import Split, evaluate, random_affine, train_one_epoch
+from sketchsweep.engine import Split, evaluate, random_affine, resolve_precision, train_one_epoch
 from sketchsweep.model import SketchCNN, count_parameters
 
 log = logging.getLogger("sketchsweep")
@@ -186,7 +186,16 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)  # data order; checkpointed with the run
     model = SketchCNN(len(data.class_names), **cfg.model).to(device)
-    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    precision = resolve_precision(t.precision.value, device)
+    fast = {}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: let cuDNN pick its fastest kernels
+        model = model.to(memory_format=torch.channels_last)
+        if cfg.optimizer._target_ in ("torch.optim.Adam", "torch.optim.AdamW"):
+            fast["fused"] = True  # one kernel for the whole update instead of one per tensor
+    optimizer = instantiate(cfg.optimizer, params=model.parameters(), **fast)
+    # Compiled or not, weights are saved from `model` (a compiled wrapper prefixes their names).
+    net = torch.compile(model) if t.compile else model
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"epoch": 0, "value": None, "model": None}
@@ -273,10 +282,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         for epoch in range(start_epoch + 1, t.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             with progress_bar(len(train_split), t.batch_size, f"epoch {epoch}/{t.epochs}") as on_step:
-                metrics = train_one_epoch(model, train_split, optimizer, t.batch_size, shuffle, on_step, augment)
+                metrics = train_one_epoch(
+                    net, train_split, optimizer, t.batch_size, shuffle, on_step, augment, precision
+                )
             if not math.isfinite(metrics["train_loss"]):
                 raise FloatingPointError(f"training loss is {metrics['train_loss']} at epoch {epoch} (lr {lr:g})")
-            metrics |= evaluate(model, val_split, t.eval_batch_size)
+            metrics |= evaluate(net, val_split, t.eval_batch_size, precision=precision)
             metrics["lr"] = lr
             scheduler.step()
             history.append(metrics)
@@ -321,7 +332,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         torch.save(best["model"], run_dir / BEST_WEIGHTS)
         model.load_state_dict(best["model"])
         if len(test_idx):  # scored once, with the weights the run keeps
-            summary |= evaluate(model, to_device(test_idx), t.eval_batch_size, prefix="test")
+            summary |= evaluate(net, to_device(test_idx), t.eval_batch_size, prefix="test", precision=precision)
             log.info("test (best epoch's weights): %s", "  ".join(f"{k} {summary[k]:.4f}" for k in TEST_METRICS))
         run.log_metrics(summary, step=t.epochs)
         run.log_files(
@@ -346,7 +357,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         log.info("open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri %s)", uri)
         run.log_files([run_dir / ".hydra", run_dir / "train.log"])  # last, so the log is complete
     if device.type == "cuda":  # trials in one process must not pile up GPU memory
-        del model, optimizer, train_split, val_split
+        del model, net, optimizer, train_split, val_split
         torch.cuda.empty_cache()
     if objectives:
         outcome = {k: at_best[k] for k in VAL_METRICS} | summary | {"num_parameters": float(tags["num_parameters"])}

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from sketchsweep.data import load_folder
@@ -81,3 +82,66 @@ def test_a_split_indexes_shared_images_without_copying_them():
     batches = list(split.batches(3, torch.Generator().manual_seed(0)))
     rows = torch.cat([x[:, 0] for x, _ in batches]).tolist()
     assert sorted(rows) == [2, 5, 7, 9] and torch.cat([y for _, y in batches]).tolist() == [r % 3 for r in rows]
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_trains(tiny_data):
+    from sketchsweep.engine import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).dtype is None and not resolve_precision("auto", cpu).channels_last
+    assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    ds = load_folder(tiny_data)
+    split = Split(torch.from_numpy(ds.images), torch.from_numpy(ds.labels))
+    accs = {}
+    for name in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = SketchCNN(len(ds.class_names), width=8, hidden=32)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        precision = resolve_precision(name, cpu)
+        for _ in range(4):
+            train_one_epoch(model, split, opt, batch_size=32, generator=gen, precision=precision)
+        accs[name] = evaluate(model, split, precision=precision)["val_acc"]
+    assert accs["fp32"] > 0.6 and abs(accs["bf16"] - accs["fp32"]) < 0.1, accs
+
+
+def test_engine_matches_the_seed_loop_accuracy(tiny_data):
+    """The seed's per-sample Dataset + DataLoader loop and the engine reach the same accuracy."""
+    import sys
+
+    from sketchsweep.config import PROJECT_ROOT
+
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from bench_train import SeedDataset, seed_epoch
+
+    ds = load_folder(tiny_data)
+    split = Split(torch.from_numpy(ds.images), torch.from_numpy(ds.labels))
+    accs = []
+    for engine in (False, True):
+        torch.manual_seed(0)
+        model = SketchCNN(len(ds.class_names), width=8, hidden=32)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        loader = torch.utils.data.DataLoader(SeedDataset(ds.images, ds.labels), batch_size=32, shuffle=True)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            if engine:
+                train_one_epoch(model, split, opt, batch_size=32, generator=gen)
+            else:
+                seed_epoch(model, loader, opt, torch.device("cpu"))
+        accs.append(evaluate(model, split)["val_acc"])
+    assert accs[0] > 0.6 and abs(accs[0] - accs[1]) < 0.1, accs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bf16_training_step(tiny_data):
+    from sketchsweep.engine import resolve_precision
+
+    dev = torch.device("cuda")
+    ds = load_folder(tiny_data)
+    split = Split(torch.from_numpy(ds.images).to(dev), torch.from_numpy(ds.labels).to(dev))
+    model = SketchCNN(len(ds.class_names), width=8).to(dev).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
+    stats = train_one_epoch(
+        model, split, opt, 64, torch.Generator().manual_seed(0), precision=resolve_precision("auto", dev)
+    )
+    assert stats["train_loss"] > 0

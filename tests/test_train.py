@@ -381,6 +381,7 @@ def test_augmentation_and_a_held_out_test_split(tiny_data, tmp_path, store):
             "data.test_fraction=0.2",
             "data.augment.enabled=true",
             "data.augment.hflip=true",
+            "trainer.precision=bf16",  # CPU autocast: the switch works where supported
             "model.width=8",
             "trainer.epochs=2",
             "trainer.batch_size=32",
