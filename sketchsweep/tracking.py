@@ -221,10 +221,11 @@ class SweepRun:
             study.trials_dataframe().to_csv(out / "trials.csv", index=False)
             best = []
             if complete:
-                best = [study.best_trial] if len(study.directions) == 1 else study.best_trials
-                for name, value in zip(self.objectives, best[0].values, strict=True):
-                    if len(study.directions) == 1:
-                        self.client.log_metric(self.run_id, f"best_{name}", value)
+                if len(study.directions) == 1:
+                    best = [study.best_trial]
+                    self.client.log_metric(self.run_id, f"best_{self.objectives[0]}", study.best_value)
+                else:  # no single best: the Pareto front goes to best_trials.json
+                    best = study.best_trials
                 self.client.set_tag(self.run_id, "best_trial", str(best[0].number))
                 for k, v in best[0].params.items():
                     self.client.set_tag(self.run_id, f"best.{k}", str(v))

@@ -36,7 +36,7 @@ from sketchsweep.config import PROJECT_ROOT, DataSource, register_configs
 from sketchsweep.data import DataError, Dataset, load_folder, stratified_split, write_synthetic
 from sketchsweep.data.folder import class_labels, open_class_file, select_files
 from sketchsweep.data.stream import RowReader, StreamingSplit
-from sketchsweep.engine import Split, evaluate, random_affine, resolve_precision, train_one_epoch
+from sketchsweep.engine import Split, evaluate, random_affine, resolve_precision, to_input, train_one_epoch
 from sketchsweep.model import SketchCNN, count_parameters
 
 log = logging.getLogger("sketchsweep")
@@ -368,8 +368,6 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
 
 def to_input_numpy(images: np.ndarray) -> np.ndarray:
     """The model's input for uint8 rows, as a NumPy example for MLflow's signature."""
-    from sketchsweep.engine import to_input
-
     return to_input(torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
 

@@ -72,7 +72,7 @@ class OptunaSweeper(Sweeper):
         self.conf = OmegaConf.create(conf)
         self.objectives = list(conf["objective"]) if not isinstance(conf["objective"], str) else [conf["objective"]]
         directions = conf["direction"]
-        self.directions = [directions] if isinstance(directions, str) else list(directions)
+        self.directions = [directions] if isinstance(directions, str) else [str(d) for d in directions]
         if len(self.directions) != len(self.objectives):
             raise ValueError(
                 f"hydra.sweeper: {len(self.objectives)} objective(s) {self.objectives} but "
@@ -137,7 +137,7 @@ class OptunaSweeper(Sweeper):
             storage=open_storage(storage_spec),
             sampler=self._sampler(space),
             pruner=make_pruner(self.conf.pruner, self.pruner_kwargs),
-            directions=[d if isinstance(d, str) else str(d) for d in self.directions],
+            directions=self.directions,
             load_if_exists=True,
         )
         # A sweep killed mid-trial leaves it RUNNING: nobody will finish it, so it is a failure
