@@ -7,8 +7,11 @@
 behind ``DataLoader(batch_size=256, shuffle=True)``, fp32; (b) the engine with its defaults for
 the device (data resident on the device, batches gathered by index, bf16 autocast on CUDA).
 Same model, data and number of images; each warmed up, then timed. Also times the input path
-alone (batches delivered, no model). Needs only torch and numpy. Prints a table and saves JSON to
-benchmarks/results/bench_train.json.
+alone (batches delivered, no model), counts a training step's FLOPs with
+``torch.utils.flop_counter`` and compares the achieved rate with the device's measured matmul
+peak (bf16 on CUDA, fp32 on a CPU). ``--compile`` adds the engine under torch.compile (what sets
+``trainer.compile``'s default); ``--profile`` prints a torch.profiler table of the top kernels.
+Needs only torch and numpy. Prints a table and saves JSON to benchmarks/results/bench_train.json.
 """
 
 from __future__ import annotations
@@ -73,21 +76,70 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_flops_per_image(model: torch.nn.Module, classes: int, batch: int = 16) -> float:
+    """FLOPs of one training step (forward + backward) per image, counted by
+    ``torch.utils.flop_counter`` on a CPU copy (the count does not depend on the device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = SketchCNN(classes, width=model.features[0][0].out_channels)
+    x, y = torch.zeros(batch, 1, 28, 28), torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's measured dense matmul throughput in ``dtype``: the ceiling to compare with."""
+    n, iters = (8192, 50) if device.type == "cuda" else (1024, 10)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def profile_steps(model, split: Split, opt, batch: int, precision, device: torch.device, out: Path) -> str:
+    """``torch.profiler`` table of the top kernels over a few training steps (what limits a run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sub = Split(split.images, split.labels, torch.arange(min(len(split), 10 * batch), device=device))
+    with profile(activities=activities) as prof:
+        train_one_epoch(model, sub, opt, batch, torch.Generator().manual_seed(1), precision=precision)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=15)
+    out.write_text(table + "\n")
+    return table
+
+
 def bench(args) -> list[dict]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = make_data(args.classes, args.per_class)
     n = len(labels)
+    auto = resolve_precision("auto", device)
+    peak_dtype = auto.dtype or torch.float32
+    peak = matmul_peak_tflops(device, peak_dtype)
+    print(f"measured {str(peak_dtype).replace('torch.', '')} matmul peak: {peak:.2f} TFLOP/s", flush=True)
+    variants = ("seed", "engine", "engine+compile") if args.compile else ("seed", "engine")
     results = []
     for width in [int(w) for w in args.widths.split(",")]:
-        for variant in ("seed", "engine"):
+        for variant in variants:
             torch.manual_seed(0)
+            warmup_s = None
             model = SketchCNN(args.classes, width=width).to(device)
+            flops = train_flops_per_image(model, args.classes)
             precision = resolve_precision("fp32" if variant == "seed" else "auto", device)
             if variant == "engine" and device.type == "cuda":
                 torch.backends.cudnn.benchmark = True
                 model = model.to(memory_format=torch.channels_last)
-            fused = {"fused": True} if variant == "engine" and device.type == "cuda" else {}
+            fused = {"fused": True} if variant != "seed" and device.type == "cuda" else {}
             opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, **fused)
+            net = torch.compile(model) if variant == "engine+compile" else model
             batch = 256 if variant == "seed" else args.batch_size
             steps = max(1, args.images // batch)
             if device.type == "cuda":
@@ -111,10 +163,12 @@ def bench(args) -> list[dict]:
                 sub = Split(split.images, split.labels, torch.arange(min(n, steps * batch), device=device))
                 gen = torch.Generator().manual_seed(0)
                 warm = Split(split.images, split.labels, torch.arange(3 * batch, device=device))
-                train_one_epoch(model, warm, opt, batch, gen, precision=precision)
-                sync(device)
                 t0 = time.perf_counter()
-                stats = train_one_epoch(model, sub, opt, batch, gen, precision=precision)
+                train_one_epoch(net, warm, opt, batch, gen, precision=precision)  # compiles, if compiled
+                sync(device)
+                warmup_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                stats = train_one_epoch(net, sub, opt, batch, gen, precision=precision)
                 sync(device)
                 train_s, seen = time.perf_counter() - t0, round(stats["train_images_per_sec"] * stats["epoch_seconds"])
                 t0 = time.perf_counter()
@@ -122,14 +176,17 @@ def bench(args) -> list[dict]:
                     to_input(x, precision.channels_last)
                 sync(device)
                 input_s = time.perf_counter() - t0
+                if args.profile:
+                    name = f"profile_{device.type}_w{width}_{variant}.txt"
+                    print(profile_steps(net, split, opt, batch, precision, device, ROOT / "benchmarks/results" / name))
             ev = Split(
                 torch.from_numpy(images[: args.eval_images]).to(device),
                 torch.from_numpy(labels[: args.eval_images]).to(device),
             )
-            evaluate(model, ev, 1024, precision=precision)  # warm-up
+            evaluate(net, ev, 1024, precision=precision)  # warm-up
             sync(device)
             t0 = time.perf_counter()
-            evaluate(model, ev, 1024 if variant == "engine" else 256, precision=precision)
+            evaluate(net, ev, 256 if variant == "seed" else 1024, precision=precision)
             sync(device)
             eval_s = time.perf_counter() - t0
             row = {
@@ -142,6 +199,11 @@ def bench(args) -> list[dict]:
                 "input_images_per_sec": (steps * batch) / input_s,
                 "input_share_of_step": input_s / train_s,
                 "eval_images_per_sec": len(ev) / eval_s,
+                "train_flops_per_image": flops,
+                "achieved_tflops": seen / train_s * flops / 1e12,
+                "peak_tflops": peak,
+                "peak_dtype": str(peak_dtype).replace("torch.", ""),
+                "warmup_seconds": warmup_s,
                 "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
             }
             results.append(row)
@@ -158,14 +220,27 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256, help="the engine's batch (the seed's is 256)")
     ap.add_argument("--images", type=int, default=2560, help="images per timed training run")
     ap.add_argument("--eval-images", type=int, default=2048)
+    ap.add_argument("--compile", action="store_true", help="also time the engine under torch.compile")
+    ap.add_argument("--profile", action="store_true", help="print and save a torch.profiler table per run")
     args = ap.parse_args()
     results = bench(args)
-    print("\n| width | loop | precision | batch | train img/s | input img/s | input share of train time | eval img/s |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| width | loop | precision | batch | train img/s | input img/s | input share of train time | eval img/s "
+        "| TFLOP/s (share of peak) | peak memory MB |"
+    )
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:,.0f}"
         print(
             f"| {r['width']} | {r['variant']} | {r['precision']} | {r['batch']} | {r['train_images_per_sec']:,.0f} | "
-            f"{r['input_images_per_sec']:,.0f} | {r['input_share_of_step']:.1%} | {r['eval_images_per_sec']:,.0f} |"
+            f"{r['input_images_per_sec']:,.0f} | {r['input_share_of_step']:.1%} | {r['eval_images_per_sec']:,.0f} | "
+            f"{r['achieved_tflops']:.3f} ({r['achieved_tflops'] / r['peak_tflops']:.1%}) | {mem} |"
+        )
+    for w in sorted({r["width"] for r in results}):
+        seed, eng = (next(r for r in results if r["width"] == w and r["variant"] == v) for v in ("seed", "engine"))
+        print(
+            f"width {w}: engine/seed training {eng['train_images_per_sec'] / seed['train_images_per_sec']:.1f}x, "
+            f"input path {eng['input_images_per_sec'] / seed['input_images_per_sec']:.1f}x"
         )
     out = ROOT / "benchmarks" / "results" / "bench_train.json"
     out.parent.mkdir(exist_ok=True)

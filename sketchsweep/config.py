@@ -25,6 +25,11 @@ class DataSource(str, Enum):
     folder = "folder"  # a numpy_bitmap folder you bring
 
 
+class StreamOrder(str, Enum):
+    exact = "exact"  # the resident path's shuffle: same seed, same batches, whatever the data size
+    chunks = "chunks"  # shuffled runs of consecutive rows: sequential reads for slow disks
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda when available, else cpu
     cpu = "cpu"
@@ -72,6 +77,7 @@ class DataConfig:
     # Data up to this size is loaded whole (onto the GPU when training there); larger data is
     # streamed from disk. null: half the RAM (and at most half the GPU's memory).
     max_memory_gb: float | None = None
+    stream_order: StreamOrder = StreamOrder.exact  # how streamed data is shuffled (see data/stream.py)
     val_fraction: float = 0.1
     test_fraction: float = 0.0  # > 0: a held-out test split, scored once at the end with the best weights
     split_seed: int = 0  # the validation split; independent of the training seed

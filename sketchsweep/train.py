@@ -32,6 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sketchsweep import tracking
+from sketchsweep.checkpoint import BEST_WEIGHTS, CHECKPOINT, FINAL_WEIGHTS
 from sketchsweep.config import PROJECT_ROOT, DataSource, register_configs
 from sketchsweep.data import DataError, Dataset, load_folder, stratified_split, write_synthetic
 from sketchsweep.data.folder import class_labels, open_class_file, select_files
@@ -41,9 +42,9 @@ from sketchsweep.model import SketchCNN, count_parameters
 
 log = logging.getLogger("sketchsweep")
 
-CHECKPOINT = "checkpoint.pt"  # resumable: model, optimizer, scheduler, epoch, RNG, history, best
-FINAL_WEIGHTS = "model_weights.pth"  # state_dict after the last epoch, as the seed saved it
-BEST_WEIGHTS = "best_model_weights.pth"  # state_dict of the best epoch (by trainer.objective)
+# checkpoint.pt: resumable (model, optimizer, scheduler, scaler, epoch, RNG, history, best);
+# model_weights.pth: the last epoch's state_dict, as the seed saved it; best_model_weights.pth:
+# the best epoch's (by trainer.objective). sketchsweep.checkpoint loads a model from any of them.
 VAL_METRICS = ("val_loss", "val_acc", "val_top3")
 # What a sweep may optimize: best-epoch values, last-epoch values, and the model's size.
 SWEEP_OBJECTIVES = (*VAL_METRICS, *(f"final_{k}" for k in VAL_METRICS), "best_epoch", "num_parameters")
@@ -210,6 +211,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         shuffle.set_state(ckpt["rng"]["shuffle"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if precision.scaler is not None and ckpt.get("scaler"):
+            precision.scaler.load_state_dict(ckpt["scaler"])  # fp16: keep the loss scale it had found
         history, best = ckpt["history"], ckpt["best"]
     start_epoch = len(history)
 
@@ -218,7 +221,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
 
     def to_device(idx: np.ndarray) -> Split | StreamingSplit:
         if isinstance(data.images, RowReader):
-            return StreamingSplit(data.images, data.labels, idx, device)
+            return StreamingSplit(data.images, data.labels, idx, device, order=cfg.data.stream_order.value)
         return Split(images, labels, torch.from_numpy(idx).to(device))
 
     train_split, val_split = to_device(train_idx), to_device(val_idx)
@@ -302,6 +305,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
                     "epoch": epoch,
                     "rng": rng,
                     "history": history,

@@ -396,3 +396,27 @@ def test_augmentation_and_a_held_out_test_split(tiny_data, tmp_path, store):
     split = np.load(tmp_path / "run" / "split.npz")
     assert len(split["test"]) == 4 * 24 and len(split["val"]) == 4 * 12  # 120 per class: 20% / 10%
     assert "split.npz" in artifact_paths(client, run.info.run_id)
+
+
+def test_fp16_resume_keeps_the_gradient_scalers_state(tiny_data, tmp_path, store):
+    common = [
+        "data=quickdraw",
+        f"data.root={tiny_data}",
+        "trainer.precision=fp16",  # autocast + GradScaler; CPU autocast supports fp16
+        "model.width=4",
+        "model.hidden=16",
+        "trainer.batch_size=64",
+        f"mlflow.tracking_uri={store}",
+        "mlflow.log_model=false",
+    ]
+    train(compose_config([*common, "trainer.epochs=1"]), tmp_path / "first")
+    ckpt = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)
+    assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
+    # Make the saved scale distinctive, then check the resumed run starts from it.
+    ckpt["scaler"]["scale"] = 1024.0
+    torch.save(ckpt, tmp_path / "edited.pt")
+    train(compose_config([*common, "trainer.epochs=2", f"trainer.resume={tmp_path / 'edited.pt'}"]), tmp_path / "two")
+    resumed = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    # The scale only changes by growth (x2 after 2000 clean steps) or backoff (x0.5 on overflow):
+    # one short epoch from 1024 stays at 1024 or halves, never back to the default 65536.
+    assert resumed["scaler"]["scale"] in (1024.0, 512.0, 256.0)

@@ -1,8 +1,10 @@
 """Stream a numpy_bitmap folder that does not fit the memory budget.
 
-Rows are read from the class files in shuffled chunks of consecutive rows by a background
-thread, shuffled again inside a buffer of many chunks, and handed to the training loop as
-batches on the device (through pinned memory on CUDA, copied without blocking). Memory stays
+A background thread reads the rows of the next buffers while the training loop works on the
+current one; batches go to the device through pinned memory on CUDA, copied without blocking.
+By default the rows come in exactly the resident path's shuffled order (same seed, same
+batches); ``order="chunks"`` instead reads shuffled chunks of consecutive rows and shuffles
+again inside a buffer of many chunks, for disks where random reads are slow. Memory stays
 bounded by a few buffers, whatever the size of the data.
 
 Reads use ``os.pread`` on the files rather than slicing a memory map: pages touched through a
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from sketchsweep.data.folder import EXPECTED, DataError, open_class_file
+from sketchsweep.engine import epoch_permutation
 
 ROW = 784
 
@@ -77,6 +80,26 @@ class RowReader:
             out[order[sel]] = block
         return out
 
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at global indices ``idx`` (any order), reading each run of consecutive rows with
+        one ``preadv`` straight into the result. For scattered rows (an exact shuffle), where
+        ``__getitem__``'s one-span-per-class reads would read most of every file."""
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        rows = idx[order]
+        cls = np.searchsorted(self.offsets, rows, side="right") - 1
+        cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(cls) != 0)) + 1
+        starts, ends = np.concatenate([[0], cuts]), np.append(cuts, len(rows))
+        block = np.empty((len(rows), ROW), dtype=np.uint8)
+        fds = self.fds()
+        for a, b, c, first in zip(starts.tolist(), ends.tolist(), cls[starts].tolist(), rows[starts].tolist()):
+            at = self.header[c] + (first - int(self.offsets[c])) * ROW
+            if os.preadv(fds[c], [memoryview(block[a:b]).cast("B")], at) != (b - a) * ROW:
+                raise DataError(f"{self.files[c]}: is shorter than its header says (truncated?)")
+        out = np.empty_like(block)
+        out[order] = block
+        return out
+
     def close(self) -> None:
         for fd in self._fds or []:
             os.close(fd)
@@ -84,7 +107,14 @@ class RowReader:
 
 
 class StreamingSplit:
-    """A split read from disk while training: the same interface as ``engine.Split``."""
+    """A split read from disk while training: the same interface as ``engine.Split``.
+
+    ``order="exact"`` (the default) shuffles like the resident path, with the same permutation
+    from the same generator, so a run gives the same batches whether its data fits in memory or
+    not; it reads rows one by one (page cache or SSD speed). ``order="chunks"`` shuffles runs of
+    ``chunk_rows`` consecutive rows and then within a buffer: long sequential reads, for data on
+    disks where random reads are slow, at the price of a different (less random) order.
+    """
 
     def __init__(
         self,
@@ -95,10 +125,15 @@ class StreamingSplit:
         chunk_rows: int = 256,
         buffer_rows: int = 65536,
         prefetch: int = 2,
+        order: str = "exact",
     ) -> None:
-        self.reader, self._device = reader, torch.device(device)
-        self.indices = np.sort(np.asarray(indices, dtype=np.int64))
-        self.labels = np.asarray(labels)[self.indices].astype(np.int64)
+        if order not in ("exact", "chunks"):
+            raise ValueError(f"StreamingSplit order={order!r}: expected 'exact' or 'chunks'")
+        self.reader, self._device, self.order = reader, torch.device(device), order
+        self.given = np.asarray(indices, dtype=np.int64)  # the split's rows in its own order, as Split keeps them
+        self.all_labels = np.asarray(labels).astype(np.int64, copy=False)
+        self.indices = np.sort(self.given)
+        self.labels = self.all_labels[self.indices]
         self.buffer_rows, self.prefetch = buffer_rows, prefetch
         # Chunks: runs of up to chunk_rows consecutive indices of one class, read in one go.
         cls = np.searchsorted(reader.offsets, self.indices, side="right") - 1
@@ -114,8 +149,23 @@ class StreamingSplit:
     def device(self) -> torch.device:
         return self._device
 
+    def _exact_buffers(self, rows_in_order: np.ndarray, rows: int, out: queue.Queue, stop) -> None:
+        """Producer thread (exact order): buffers of ``rows`` images, in exactly the given order."""
+        try:
+            for pos in range(0, len(rows_in_order), rows):
+                if stop.is_set():
+                    break
+                take = rows_in_order[pos : pos + rows]
+                x, y = torch.from_numpy(self.reader.gather(take)), torch.from_numpy(self.all_labels[take])
+                if self._device.type == "cuda":
+                    x, y = x.pin_memory(), y.pin_memory()
+                out.put((x, y))
+            out.put(None)
+        except BaseException as e:  # hand any failure to the consumer, which re-raises it
+            out.put(e)
+
     def _buffers(self, order: np.ndarray, rng: np.random.Generator | None, rows: int, out: queue.Queue, stop) -> None:
-        """Producer thread: fill buffers of ``rows`` images from chunks in ``order``."""
+        """Producer thread (chunk order): fill buffers of ``rows`` images from chunks in ``order``."""
         try:
             pos = 0
             while pos < len(order) and not stop.is_set():
@@ -150,16 +200,23 @@ class StreamingSplit:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches on the device; shuffled when ``generator`` is given (its state decides the
         order, so a checkpointed generator replays the same epoch)."""
-        rng = None
-        order = np.arange(len(self.chunks))
-        if generator is not None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            rng = np.random.default_rng(seed)
-            order = rng.permutation(len(self.chunks))
         rows = max(1, self.buffer_rows // batch_size) * batch_size  # whole batches per buffer
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        worker = threading.Thread(target=self._buffers, args=(order, rng, rows, q, stop), daemon=True)
+        if self.order == "exact":
+            take = self.given
+            if generator is not None:
+                take = take[epoch_permutation(len(take), generator).numpy()]
+            job, args = self._exact_buffers, (take, rows, q, stop)
+        else:
+            rng = None
+            order = np.arange(len(self.chunks))
+            if generator is not None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+                rng = np.random.default_rng(seed)
+                order = rng.permutation(len(self.chunks))
+            job, args = self._buffers, (order, rng, rows, q, stop)
+        worker = threading.Thread(target=job, args=args, daemon=True)
         worker.start()
         try:
             carry: tuple[torch.Tensor, torch.Tensor] | None = None
