@@ -1,0 +1,154 @@
+"""Evaluation artifacts and `python -m sketchsweep.evaluate`, on one tiny model trained once per
+session through the real training CLI, with a real MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sketchsweep.evaluate import (
+    CONFUSION_CSV,
+    FILES,
+    MISCLASSIFIED_PNG,
+    PER_CLASS,
+    confusion_view,
+    evaluation_artifacts,
+    main,
+    pick_misclassified,
+)
+from tests.conftest import cli_env, tiny_overrides, train_cli
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    """One tiny model (4 classes, 3 epochs, with a test split) for every test here."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    store = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    run_dir = tmp / "run"
+    proc = train_cli(tiny_overrides(tiny_data, store, run_dir, "data.test_fraction=0.1"), cwd=tmp)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("sketchsweep").experiment_id])
+    return run_dir, store, run.info.run_id
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def confusion_total(folder: Path) -> int:
+    with open(folder / CONFUSION_CSV, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return sum(int(v) for row in rows for v in row[1:])
+
+
+def test_cli_on_run_folder_scores_the_validation_split_and_logs(trained_run, tmp_path):
+    run_dir, store, run_id = trained_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "sketchsweep.evaluate", str(run_dir), "--log"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = run_dir / "evaluation"
+    assert {p.name for p in out.iterdir()} >= set(FILES)
+    val = np.load(run_dir / "split.npz")["val"]
+    assert confusion_total(out) == len(val)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_images"] == len(val)
+    assert 0 <= metrics["eval_top1"] <= metrics["eval_top3"] <= metrics["eval_top5"] <= 1
+    rows = read_csv(out / PER_CLASS)
+    assert [r["class"] for r in rows] == json.loads((run_dir / "classes.json").read_text())
+    assert sum(int(r["n"]) for r in rows) == len(val)
+    assert all(float(r["accuracy"]) <= float(r["top3_accuracy"]) for r in rows)
+    for png in ("confusion_matrix.png", MISCLASSIFIED_PNG):
+        assert matplotlib.image.imread(out / png).ndim == 3
+    # The same weights on the same images: what training reported for its best epoch.
+    run = MlflowClient(store).get_run(run_id)
+    assert metrics["eval_top1"] == pytest.approx(run.data.metrics["best_val_acc"])
+    assert run.data.metrics["eval_top1"] == pytest.approx(metrics["eval_top1"])
+    logged = {a.path for a in MlflowClient(store).list_artifacts(run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in logged and "evaluation/per_class_accuracy.csv" in logged
+
+
+def test_cli_test_split_and_data_overrides(trained_run, tiny_data, tmp_path, capsys):
+    run_dir, _, _ = trained_run
+    assert main([str(run_dir / "checkpoint.pt"), "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    assert confusion_total(tmp_path / "test") == len(np.load(run_dir / "split.npz")["test"])
+
+    # Other data: every row, classes matched by name ("_" and space alike), here a subset of two.
+    out = tmp_path / "subset"
+    assert (
+        main(
+            [str(run_dir), "data=quickdraw", f"data.root={tiny_data}", "data.classes=[star,circle]", "--out", str(out)]
+        )
+        == 0
+    )
+    rows = read_csv(out / PER_CLASS)
+    assert [r["class"] for r in rows] == ["circle", "star"]
+    assert confusion_total(out) == 240  # 2 classes x 120 drawings, no split
+    assert "all 240 images" in capsys.readouterr().out
+
+    # data.* alone changes the run's own data config; the default folder is named after the data.
+    assert main([str(run_dir), "data.max_per_class=20"]) == 0
+    assert confusion_total(run_dir / f"evaluation-{tiny_data.name}") == 80
+
+
+def test_cli_errors_are_one_line_with_exit_2(trained_run, tiny_data, tmp_path, capsys):
+    run_dir, _, _ = trained_run
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny_data, extra)
+    shutil.copy(extra / "star.npy", extra / "zebra.npy")
+    cases = {
+        "zebra": [str(run_dir), "data=quickdraw", f"data.root={extra}"],
+        "no such file or folder": [str(tmp_path / "missing-run")],
+        "only data overrides": [str(run_dir), "model.width=16"],
+        "data.max_per_class": [str(run_dir), "data.max_per_class=abc"],
+    }
+    for needle, argv in cases.items():
+        assert main(argv) == 2, needle
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (extra / "evaluation").exists()
+
+
+def test_many_classes_plot_stays_small(tmp_path):
+    """345 classes, random predictions: the plot shows ~30 of them, and everything is written."""
+
+    class Random(torch.nn.Module):
+        def forward(self, x):
+            return torch.randn(len(x), 345, generator=torch.Generator().manual_seed(len(x)))
+
+    names = [f"category number {i}" for i in range(345)]
+    labels = np.repeat(np.arange(345), 4)
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), 784), dtype=np.uint8)
+    metrics = evaluation_artifacts(Random(), images, labels, names, tmp_path, batch_size=512, device="cpu")
+    assert metrics["eval_images"] == len(labels)
+    assert len(read_csv(tmp_path / PER_CLASS)) == 345
+    assert len(read_csv(tmp_path / "confused_pairs.csv")) == 20
+    height, width, _ = matplotlib.image.imread(tmp_path / "confusion_matrix.png").shape
+    assert max(height, width) < 2000
+    conf = np.random.default_rng(0).integers(0, 5, (345, 345))
+    assert len(confusion_view(conf)[0]) <= 30
+
+
+def test_pick_misclassified_spreads_over_classes():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])
+    predicted = np.array([1, 1, 1, 0, 0, 0, 2])
+    confidence = np.array([0.9, 0.8, 0.7, 0.9, 0.6, 0.5, 0.9])
+    assert pick_misclassified(labels, predicted, confidence, 2).tolist() == [0, 4]
+    assert pick_misclassified(labels, predicted, confidence, 10).tolist() == [0, 1, 2, 4, 5]
