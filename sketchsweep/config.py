@@ -159,6 +159,11 @@ class MLflowConfig:
     artifact_root: str | None = None
     experiment_name: str = "sketchsweep"
     log_model: bool = True  # mlflow.pytorch.log_model of the best-epoch model
+    # model.onnx of the best-epoch model in the run folder, parity-checked against PyTorch with
+    # ONNX Runtime, logged with mlflow.onnx.log_model
+    log_onnx: bool = True
+    # evaluation/ on the validation split: top-1/3/5, per-class accuracy, confused pairs, plots
+    log_evaluation: bool = True
 
 
 @dataclass

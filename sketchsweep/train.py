@@ -346,8 +346,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
             run.set_tags({"optuna.state": "PRUNED" if pruned_at is not None else "COMPLETE"})
         if pruned_at is not None:
             link.mark_pruned()
-        elif cfg.mlflow.log_model:
-            run.log_model(model.cpu().eval(), to_input_numpy(data.images[val_idx[:2]]))
+        else:  # what a researcher looks at and ships: only for runs that finished
+            source = data.images if isinstance(data.images, RowReader) else images
+            log_deliverables(cfg, run, model, source, data, val_idx, run_dir, precision)
         log.info(
             "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",
             final["val_acc"],
@@ -368,6 +369,41 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         values = tuple(float(outcome[o]) for o in objectives)
         return values[0] if len(values) == 1 else values
     return float(best["value"])
+
+
+def log_deliverables(cfg, run, model, source, data: Dataset, val_idx: np.ndarray, run_dir: Path, precision) -> None:
+    """The evaluation artifacts, the PyTorch model and the ONNX export of the kept (best-epoch)
+    weights, each as configured under ``mlflow.*``. A failed ONNX parity check fails the run: the
+    weights and checkpoint are already saved and logged by then, so nothing is lost."""
+    device = next(model.parameters()).device
+    if cfg.mlflow.log_evaluation and len(val_idx):
+        from sketchsweep.evaluate import Rows, evaluation_artifacts
+
+        out = run_dir / "evaluation"
+        metrics = evaluation_artifacts(
+            model, Rows(source, val_idx), data.labels[val_idx], data.class_names, out,
+            cfg.trainer.eval_batch_size, device, precision,
+        )  # fmt: skip
+        run.log_metrics(metrics, step=cfg.trainer.epochs)
+        run.log_files([out])
+    example = np.ascontiguousarray(data.images[val_idx[:64]])  # real drawings, for signatures and parity
+    model = model.cpu().eval()
+    if cfg.mlflow.log_model:
+        run.log_model(model, to_input_numpy(example[:2]))
+    if cfg.mlflow.log_onnx:
+        from sketchsweep.checkpoint import TrainedModel
+        from sketchsweep.export import export_onnx
+
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        trained = TrainedModel(model, data.class_names, resolved, run.id, str(run_dir))  # type: ignore[arg-type]
+        report = export_onnx(trained, run_dir / "model.onnx", real_images=example)
+        log.info(
+            "model.onnx: ONNX Runtime matches PyTorch on %d inputs (max |logit diff| %.1e)",
+            report.num_checked,
+            report.max_abs_diff,
+        )
+        run.log_metrics({"onnx_max_abs_diff": report.max_abs_diff}, step=cfg.trainer.epochs)
+        run.log_onnx(report.path, example[:2].reshape(-1, 28, 28))
 
 
 def to_input_numpy(images: np.ndarray) -> np.ndarray:
@@ -397,7 +433,7 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
     run_dir = Path(hc.runtime.output_dir)
     try:
         return train(cfg, run_dir, list(hc.overrides.task))
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, tracking.TrackingError) as e:
         if hc.mode == RunMode.MULTIRUN:
             raise  # let the sweeper record this job as failed
         log.error("%s", e)

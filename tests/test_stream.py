@@ -122,15 +122,19 @@ def test_training_streams_when_data_exceeds_the_budget(tiny_data, tmp_path, stor
         "trainer.epochs=3",
         "trainer.batch_size=32",
         f"mlflow.tracking_uri={store}",
+        "mlflow.log_onnx=false",
     ]
-    # 100 kB: the 376 kB tiny set must stream.
+    # 100 kB: the 376 kB tiny set must stream. Evaluation artifacts then read the val rows from disk.
     cfg = compose_config([*common, "data.max_memory_gb=0.0001", "mlflow.log_model=true"])
     with caplog.at_level("INFO", logger="sketchsweep"):
         value = train(cfg, tmp_path / "streamed")
     assert "streaming from disk" in caplog.text
     assert value > 0.5  # 4 classes: chance is 0.25
     # The same run with the data resident: same batches, so the very same weights (on a CPU).
-    resident = train(compose_config([*common, "mlflow.log_model=false"]), tmp_path / "resident")
+    assert (tmp_path / "streamed" / "evaluation" / "confusion_matrix.png").is_file()
+    resident = train(
+        compose_config([*common, "mlflow.log_model=false", "mlflow.log_evaluation=false"]), tmp_path / "resident"
+    )
     assert resident == value
     a = torch.load(tmp_path / "streamed" / "model_weights.pth", weights_only=True)
     b = torch.load(tmp_path / "resident" / "model_weights.pth", weights_only=True)

@@ -30,6 +30,8 @@ def sweep_args(tiny_data, tmp_path, *extra: str) -> list[str]:
         "trainer.batch_size=32",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
         "mlflow.log_model=false",
+        "mlflow.log_onnx=false",
+        "mlflow.log_evaluation=false",
         f"hydra.sweeper.storage={tmp_path / 'study.journal'}",
         "hydra.sweeper.study_name=test",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import signal
@@ -126,11 +127,15 @@ def test_quickstart_logged_model_predicts_like_the_best_weights(quickstart):
     _, run_dir, store, tmp = quickstart
     mlflow.set_tracking_uri(store)
     _, run = only_run(store, "quickstart")
-    [logged] = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}'",
-        output_format="list",
-    )
+    [logged] = [
+        lm
+        for lm in mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+            output_format="list",
+        )
+        if lm.name == "model"  # the PyTorch one; "onnx_model" is the ONNX export
+    ]
     loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     ds = load_folder(next((tmp / "data").iterdir()))
     x = to_input(torch.from_numpy(ds.images[::97]))  # a batch of 62: the batch axis is dynamic
@@ -138,6 +143,34 @@ def test_quickstart_logged_model_predicts_like_the_best_weights(quickstart):
     best.load_state_dict(torch.load(run_dir / "best_model_weights.pth", weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), best(x), rtol=1e-4, atol=1e-4)
+
+
+def test_quickstart_logs_evaluation_and_a_parity_checked_onnx_model(quickstart):
+    _, run_dir, store, _ = quickstart
+    client, run = only_run(store, "quickstart")
+    paths = artifact_paths(client, run.info.run_id)
+    evaluation = {"per_class_accuracy.csv", "confused_pairs.csv", "confusion_matrix.png", "misclassified.png"}
+    assert {f"evaluation/{n}" for n in evaluation} <= paths
+    m = run.data.metrics
+    # Evaluated with the kept (best-epoch) weights on the validation split: the run's best metrics.
+    assert m["eval_top1"] == pytest.approx(m["best_val_acc"]) and m["eval_top3"] == pytest.approx(m["best_val_top3"])
+    assert m["eval_top1"] <= m["eval_top3"] <= m["eval_top5"] and m["eval_images"] == 600
+    assert m["onnx_max_abs_diff"] <= 1e-4
+    # model.onnx in the run folder and an MLflow onnx model next to the PyTorch one.
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(run_dir / "model.onnx"))
+    props = session.get_modelmeta().custom_metadata_map
+    assert json.loads(props["class_names"]) == json.loads((run_dir / "classes.json").read_text())
+    assert props["run_id"] == run.info.run_id
+    mlflow.set_tracking_uri(store)
+    logged = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+    names = {lm.name for lm in logged}
+    assert names == {"model", "onnx_model"}
 
 
 def test_quickstart_prints_accuracy_folder_and_ui(quickstart):
@@ -296,6 +329,8 @@ def test_trains_on_real_quickdraw_drawings(tmp_path, store):
             "trainer.batch_size=64",
             f"mlflow.tracking_uri={store}",
             "mlflow.log_model=false",
+            "mlflow.log_onnx=false",
+            "mlflow.log_evaluation=false",
         ]
     )
     value = train(cfg, tmp_path / "run")
@@ -387,6 +422,8 @@ def test_augmentation_and_a_held_out_test_split(tiny_data, tmp_path, store):
             "trainer.batch_size=32",
             f"mlflow.tracking_uri={store}",
             "mlflow.log_model=false",
+            "mlflow.log_onnx=false",
+            "mlflow.log_evaluation=false",
         ]
     )
     train(cfg, tmp_path / "run")
@@ -408,6 +445,8 @@ def test_fp16_resume_keeps_the_gradient_scalers_state(tiny_data, tmp_path, store
         "trainer.batch_size=64",
         f"mlflow.tracking_uri={store}",
         "mlflow.log_model=false",
+        "mlflow.log_onnx=false",
+        "mlflow.log_evaluation=false",
     ]
     train(compose_config([*common, "trainer.epochs=1"]), tmp_path / "first")
     ckpt = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)

@@ -1,0 +1,370 @@
+"""Classify drawings with a trained model: an exported ``.onnx`` file, a run folder, a checkpoint or a run.
+
+    python -m sketchsweep.predict model.onnx cat.png drawings/ batch.npy --top-k 3
+    python -m sketchsweep.predict outputs/2026-11-24/10-00-00 cat.png --json
+
+Images (PNG, JPEG, ... of any size, dark-on-light or light-on-dark, transparency composited) are
+framed the way Quick, Draw!'s bitmaps are (``load_image``); ``.npy`` files hold ready 28x28 rows.
+An ``.onnx`` model runs on ONNX Runtime and this module then never imports torch; the other
+references load the PyTorch model (``sketchsweep.checkpoint.load_trained``), importing torch then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SIDE = 28
+# Quick, Draw!'s framing (sketchsweep.data.raster): centre lines in a 256 box, a 16-unit stroke and
+# 16 units of padding, so the ink's bounding box fills 271/304 of the image (a ~1.5 px margin)
+# and a stroke is 16/304 of the image wide (~1.5 px at 28x28).
+INK_FRACTION = 271.0 / 304.0
+STROKE_FRACTION = 16.0 / 304.0
+WORK_SIDE = 400  # images are max-pooled to at most about this size before thickening strokes
+MIN_WORK_SIDE = 224  # and smaller ones enlarged to at least this
+BATCH = 1024
+
+
+class InputError(ValueError):
+    """An input that cannot be read as a drawing (reported and skipped by the CLI)."""
+
+
+class ModelFileError(ValueError):
+    """An .onnx file that cannot be used as a sketchsweep model."""
+
+
+# ---------------------------------------------------------------- images -> uint8 (28, 28)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read a drawing and frame it like Quick, Draw!: uint8 ``(28, 28)``, strokes 255 on 0."""
+    try:
+        with Image.open(path) as im:
+            im.seek(0)  # the first frame of an animation
+            im = ImageOps.exif_transpose(im)  # photos taken sideways
+            gray, alpha = _gray_alpha(im)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # PIL raises UnidentifiedImageError (an OSError) for what is not an image, OSError for a
+        # truncated one, and occasionally ValueError/SyntaxError from a broken header.
+        raise InputError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
+    try:
+        return frame_drawing(gray, alpha)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+
+
+def _gray_alpha(im) -> tuple[np.ndarray, np.ndarray | None]:
+    """Luminance in [0, 255] and, for images with transparency, alpha in [0, 1]."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit and float greyscale
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        return a * (255.0 / top), None
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        la = np.asarray(im.convert("RGBA").convert("LA"), dtype=np.float64)
+        return la[..., 0], la[..., 1] / 255.0
+    return np.asarray(im.convert("L"), dtype=np.float64), None
+
+
+def frame_drawing(gray: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
+    """A greyscale drawing (any size, values 0-255, either polarity) as uint8 ``(28, 28)``:
+    ink 255 on background 0, cropped to the ink, centred with Quick, Draw!'s margin, strokes
+    thickened to Quick, Draw!'s relative width when thinner, and area-averaged down to 28x28."""
+    gray = np.asarray(gray, dtype=np.float64)
+    if gray.ndim != 2 or min(gray.shape) < 1:
+        raise InputError(f"expected a 2-D image, got shape {gray.shape}")
+    if alpha is not None and (alpha < 0.999).any():
+        if alpha.sum() < 1.0:
+            raise InputError("no drawing found (the image is fully transparent)")
+        # Transparent pixels are background. Put them on the colour opposite to the visible
+        # pixels (black strokes on transparency -> on white), so the ink stays visible.
+        visible = float((gray * alpha).sum() / alpha.sum())
+        gray = gray * alpha + (255.0 if visible < 128 else 0.0) * (1.0 - alpha)
+    # Polarity: the border is background in a drawing (its median ignores the few strokes that
+    # touch it). A light border means dark ink on light paper: invert.
+    b = max(1, round(0.02 * min(gray.shape)))
+    border = np.concatenate([gray[:b].ravel(), gray[-b:].ravel(), gray[:, :b].ravel(), gray[:, -b:].ravel()])
+    background = float(np.median(border))
+    ink = 255.0 - gray if background > 127.5 else gray
+    background = min(background, 255.0 - background)
+    peak = float(ink.max())
+    if peak - background < 32:
+        raise InputError("no drawing found (the image has no contrast)")
+    # Stretch so paper is 0 and the darkest stroke 1. The ink's bounding box is where it reaches half
+    # strength: the stroke's geometric edge, as in Quick, Draw!'s framing (sketchsweep.data.raster).
+    ink = np.clip((ink - background) / (peak - background), 0.0, 1.0)
+    ink = _crop(ink, margin=1)
+    if max(ink.shape) < MIN_WORK_SIDE:
+        # Small images: find the edges on a smooth enlargement, or the box is off by up to a
+        # pixel per side, which at 28x28 is most of a stroke.
+        ink = _resize_float(ink, math.ceil(MIN_WORK_SIDE / max(ink.shape)), Image.Resampling.BILINEAR)
+    ink = _crop(ink, margin=0)
+    # Drop the bottom 10 % (paper texture, JPEG ringing), which would grey the background.
+    ink = np.clip((ink - 0.1) / 0.9, 0.0, 1.0)
+    # Max-pool big drawings to <= ~WORK_SIDE px first: thin strokes keep full strength (an area
+    # average would fade them) and the thickening below stays cheap.
+    f = max(1, math.ceil(max(ink.shape) / INK_FRACTION / WORK_SIDE))
+    if f > 1:
+        h, w = -(-ink.shape[0] // f) * f, -(-ink.shape[1] // f) * f
+        ink = np.pad(ink, ((0, h - ink.shape[0]), (0, w - ink.shape[1]))).reshape(h // f, f, w // f, f).max(axis=(1, 3))
+    side = math.ceil(max(ink.shape) / INK_FRACTION)
+    canvas = np.zeros((side, side))
+    top, left = (side - ink.shape[0]) // 2, (side - ink.shape[1]) // 2
+    canvas[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
+    canvas = _thicken(canvas, STROKE_FRACTION * side)
+    return _resize(canvas, SIDE)
+
+
+def _crop(ink: np.ndarray, margin: int) -> np.ndarray:
+    rows, cols = np.nonzero(ink >= 0.5)
+    if len(rows) == 0:
+        raise InputError("no drawing found")
+    top, left = max(rows.min() - margin, 0), max(cols.min() - margin, 0)
+    return ink[top : rows.max() + 1 + margin, left : cols.max() + 1 + margin]
+
+
+def _resize_float(ink: np.ndarray, factor: int, method) -> np.ndarray:
+    h, w = ink.shape
+    return np.asarray(Image.fromarray(ink.astype(np.float32)).resize((w * factor, h * factor), method))
+
+
+def _thicken(ink: np.ndarray, target: float) -> np.ndarray:
+    """Dilate strokes narrower than ``target`` px (a fine pen on a big canvas would otherwise all
+    but vanish at 28x28). Stroke width ~ 2 * area / boundary length, from the binarized ink."""
+    solid = ink > 0.5
+    area = int(solid.sum())
+    inner = solid.copy()
+    inner[1:] &= solid[:-1]
+    inner[:-1] &= solid[1:]
+    inner[:, 1:] &= solid[:, :-1]
+    inner[:, :-1] &= solid[:, 1:]
+    boundary = area - int(inner.sum())
+    if boundary == 0:
+        return ink
+    width = 2.0 * area / boundary
+    radius = round((target - width) / 2.0)
+    if width >= 0.8 * target or radius < 1:
+        return ink
+    padded = np.pad(ink, radius)
+    out = ink.copy()
+    h, w = ink.shape
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dx * dx + dy * dy <= radius * radius:  # a round pen
+                np.maximum(out, padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w], out=out)
+    return out
+
+
+def _resize(ink: np.ndarray, side: int) -> np.ndarray:
+    # BOX: an exact area average when shrinking (anti-aliased, no ringing); bilinear when growing.
+    method = Image.Resampling.BOX if ink.shape[0] >= side else Image.Resampling.BILINEAR
+    small = np.asarray(Image.fromarray(ink.astype(np.float32)).resize((side, side), method))
+    return np.rint(np.clip(small, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """A ``.npy`` of uint8 ``(N, 784)``/``(N, 28, 28)`` (or one ``(784,)``/``(28, 28)``), or floats
+    in [0, 1], as uint8 ``(N, 28, 28)``."""
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(f"{path}: cannot be read as a .npy array ({type(e).__name__}: {e})") from None
+    if a.shape in ((784,), (28, 28)):
+        a = a.reshape(1, 28, 28)
+    if a.ndim not in (2, 3) or a.shape[1:] not in ((784,), (28, 28)):
+        raise InputError(f"{path}: expected drawings (N, 784) or (N, 28, 28), got shape {a.shape}")
+    return as_uint8(np.asarray(a).reshape(-1, 28, 28), str(path))
+
+
+def as_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
+    """uint8 as is; floats in [0, 1] scaled to 0-255; anything else is an ``InputError``."""
+    a = np.asarray(images)
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.floating) and (
+        a.size == 0 or (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1)
+    ):
+        return np.rint(a * 255.0).astype(np.uint8)
+    raise InputError(f"{what}: expected uint8 (0-255) or floats in [0, 1], got {a.dtype}")
+
+
+# ---------------------------------------------------------------- models
+
+
+class Predictor:
+    """A trained model ready to classify uint8 drawings, on ONNX Runtime for an ``.onnx`` file
+    (no torch import) and on PyTorch (CPU) for a run folder, checkpoint or ``runs:/<run_id>``.
+    A bad reference raises ``ModelFileError`` (.onnx) or ``ModelRefError`` (both ValueErrors)."""
+
+    def __init__(self, model: str | Path) -> None:
+        self.source = str(model)
+        if not self.source.startswith("runs:/") and Path(self.source).suffix.lower() == ".onnx":
+            self._open_onnx(Path(self.source))
+        else:
+            from sketchsweep.checkpoint import load_trained
+
+            trained = load_trained(self.source)
+            self.backend = "torch"
+            self.class_names = trained.class_names
+            self._model = trained.model
+
+    def _open_onnx(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise ModelFileError(f"{path}: no such file")
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {first})") from None
+        meta = self._session.get_modelmeta().custom_metadata_map
+        try:
+            names = json.loads(meta["class_names"])
+            assert isinstance(names, list) and all(isinstance(n, str) for n in names)
+        except (KeyError, ValueError, AssertionError):
+            raise ModelFileError(
+                f"{path}: not a sketchsweep export (no class_names list in its metadata; "
+                "make one with python -m sketchsweep.export)"
+            ) from None
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(uint8)":
+            raise ModelFileError(f"{path}: expected one uint8 input 'images', got {[(i.name, i.type) for i in inputs]}")
+        self._input = inputs[0].name
+        self.backend = "onnxruntime"
+        self.class_names = names
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Softmax probabilities ``(N, classes)`` for uint8 ``(N, 28, 28)``/``(N, 784)`` (or floats in [0, 1])."""
+        x = as_uint8(images).reshape(-1, 28, 28)
+        out = [self._run(np.ascontiguousarray(x[i : i + BATCH])) for i in range(0, len(x), BATCH)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if self.backend == "onnxruntime":
+            return self._session.run(["probabilities"], {self._input: x})[0]
+        import torch
+
+        from sketchsweep.engine import to_input
+
+        with torch.no_grad():
+            return torch.softmax(self._model(to_input(torch.from_numpy(x))), dim=1).numpy()
+
+    def predict(self, images: np.ndarray, top_k: int = 3) -> list[list[tuple[str, float]]]:
+        """For each drawing, its ``top_k`` classes as ``(label, probability)``, most likely first."""
+        probs = self.probabilities(images)
+        k = min(top_k, len(self.class_names))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+
+
+# ---------------------------------------------------------------- command line
+
+
+@dataclass
+class Item:
+    """One drawing to classify, or one input that failed (``error`` set)."""
+
+    input: str
+    index: int | None = None  # row of a .npy batch
+    image: np.ndarray | None = None
+    error: str | None = None
+
+
+def iter_inputs(paths: Sequence[str | Path]) -> Iterator[Item]:
+    """Drawings from image files, ``.npy`` batches and folders of them (one level of subfolders, sorted)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(
+                f
+                for f in [*p.iterdir(), *(g for d in p.iterdir() if d.is_dir() for g in d.iterdir())]
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | {".npy"}
+            )
+            if not files:
+                yield Item(str(p), error=f"{p}: no images or .npy files in this folder")
+            for f in files:
+                yield from _read(f)
+        else:
+            yield from _read(p)
+
+
+def _read(path: Path) -> Iterator[Item]:
+    try:
+        if path.suffix.lower() == ".npy":
+            batch = load_npy(path)
+            for i in range(len(batch)):
+                yield Item(str(path), i, batch[i])
+        else:
+            yield Item(str(path), None, load_image(path))
+    except InputError as e:
+        yield Item(str(path), error=str(e))
+
+
+def _table(rows: list[tuple[Item, list[tuple[str, float]]]], k: int) -> str:
+    header = ["input"] + [f"#{i + 1}" for i in range(k)]
+    lines = [
+        [it.input if it.index is None else f"{it.input}[{it.index}]"] + [f"{label} {p:.3f}" for label, p in top]
+        for it, top in rows
+    ]
+    widths = [max(len(r[c]) for r in [header, *lines]) for c in range(len(header))]
+    return "\n".join(
+        "  ".join(v.ljust(wd) for v, wd in zip(r, widths, strict=False)).rstrip() for r in [header, *lines]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sketchsweep.predict",
+        description="Classify drawings (images, .npy batches, folders of them) with a trained sketchsweep model.",
+    )
+    parser.add_argument("model", help="an exported .onnx file, a run folder, a checkpoint, or runs:/<run_id>")
+    parser.add_argument("inputs", nargs="+", help="PNG/JPEG/... drawings, .npy files of 28x28 rows, or folders")
+    parser.add_argument("--top-k", type=int, default=3, help="classes to show per drawing (default 3)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per drawing instead of a table")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    try:
+        predictor = Predictor(args.model)
+    except ValueError as e:  # ModelFileError or ModelRefError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    k = min(args.top_k, len(predictor.class_names))
+    failed = 0
+    items: list[Item] = []
+    for item in iter_inputs(args.inputs):
+        if item.error:
+            failed += 1
+            print(f"error: {item.error} (skipped)", file=sys.stderr)
+        else:
+            items.append(item)
+    tops = predictor.predict(np.stack([it.image for it in items]), k) if items else []
+    if args.json:
+        for it, top in zip(items, tops, strict=True):
+            record = {"input": it.input, "index": it.index, "top_k": [{"label": lb, "probability": p} for lb, p in top]}
+            print(json.dumps(record))
+    elif items:
+        print(_table(list(zip(items, tops, strict=True)), k))
+    if failed:
+        print(f"{failed} input(s) could not be read; {len(items)} drawing(s) classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
