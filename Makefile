@@ -15,7 +15,7 @@ PORT ?= 5000
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sketchsweep-installed
 
-.PHONY: venv test lint format demo ui clean
+.PHONY: venv test lint format demo ui clean postgres-bin
 
 venv: $(STAMP)
 
@@ -25,9 +25,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
-test: venv
+test: venv postgres-bin
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The scale-out tests start a throwaway PostgreSQL server: as root, install Debian's binaries
+# when there are none (their tests are skipped, with the reason, only if that is impossible).
+postgres-bin:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
+	  echo "PostgreSQL binaries could not be installed: the scale-out tests will be skipped"
 
 lint: venv
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_stream.py                  # 345 classes x 30,000 rows = 8.1 GB in /tmp
     python benchmarks/bench_stream.py --rows 2000      # a quick 0.5 GB check
+    python benchmarks/bench_stream.py --order chunks   # data.stream_order=chunks (sequential reads)
 
 Writes a numpy_bitmap folder (uint8 (N, 784) per class) once, then streams one full shuffled
 epoch of the training split through ``StreamingSplit`` (the path training takes when data
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--budget-gb", type=float, default=1.0, help="the memory budget the data exceeds")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--order", choices=("exact", "chunks"), default="exact", help="data.stream_order")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     root = Path(args.dir)
@@ -83,7 +85,7 @@ def main() -> None:
     assert reader.nbytes > args.budget_gb * 1e9, "dataset must exceed the budget to be streamed"
     labels = class_labels(reader.counts)
     train_idx, _, _ = stratified_split(labels, list(files), 0.1, seed=0)
-    split = StreamingSplit(reader, labels, train_idx, torch.device("cpu"))
+    split = StreamingSplit(reader, labels, train_idx, torch.device("cpu"), order=args.order)
     cold = drop_page_cache()
     print(
         f"dataset: {reader.nbytes / 1e9:.2f} GB, {len(reader):,} images in {len(files)} files; "
@@ -128,6 +130,7 @@ def main() -> None:
         "torch": torch.__version__,
         "dataset_gb": reader.nbytes / 1e9,
         "budget_gb": args.budget_gb,
+        "order": args.order,
         "batch_size": args.batch_size,
         "page_cache_dropped": cold,
     }

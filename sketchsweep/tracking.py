@@ -7,9 +7,11 @@ SLURM) land in one store. ``mlflow.tracking_uri=...`` or ``$MLFLOW_TRACKING_URI`
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,10 +19,13 @@ from urllib.parse import urlparse
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sketchsweep.config import PROJECT_ROOT
+
+_log = logging.getLogger("sketchsweep")
 
 # Set by the grid-multirun callback so jobs attach to the sweep's parent run.
 PARENT_RUN_ENV = "SKETCHSWEEP_PARENT_RUN_ID"
@@ -29,6 +34,27 @@ PARENT_RUN_ENV = "SKETCHSWEEP_PARENT_RUN_ID"
 def tracking_uri(configured: str | None) -> str:
     """``mlflow.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the project's SQLite store."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+
+
+class TrackingError(ValueError):
+    """An MLflow store that cannot be used (a tracking server that cannot be reached)."""
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def server_problem(uri: str, timeout: float = 3.0) -> str | None:
+    """None when the tracking server answers its /health endpoint, else what went wrong.
+
+    Quick on purpose: MLflow's own client retries a refused connection for minutes."""
+    import requests
+
+    try:
+        r = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except requests.RequestException as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None if r.status_code == 200 else f"/health answered HTTP {r.status_code}"
 
 
 def _local_store_dir(uri: str) -> Path | None:
@@ -51,6 +77,11 @@ def setup_experiment(uri: str, experiment_name: str, artifact_root: str | None) 
     store_dir = _local_store_dir(uri)
     if store_dir is not None:
         store_dir.mkdir(parents=True, exist_ok=True)
+    if is_server(uri) and (problem := server_problem(uri)):
+        raise TrackingError(
+            f"mlflow.tracking_uri={uri}: cannot reach the MLflow tracking server ({problem}); expected a running "
+            "`mlflow server` at that address (README: Scaling out)"
+        )
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment_name)
@@ -116,18 +147,44 @@ def run_name(overrides: list[str]) -> str:
 
 class Run:
     """One MLflow run. Use as a context manager: it ends FINISHED on success, KILLED on
-    Ctrl-C/SIGTERM and FAILED (with the traceback as ``error.txt``) on any other exception."""
+    Ctrl-C/SIGTERM and FAILED (with the traceback as ``error.txt``) on any other exception.
+
+    On a tracking server, metrics and tags are buffered while the server cannot be reached and
+    sent, in order and with their original timestamps, once it answers again: training goes on
+    through an outage. Whatever is still unsent when the run ends (after MLflow's own retries,
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``) is saved to ``mlflow_unsent.json`` in the run folder."""
 
     def __init__(self, uri: str, experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str]):
+        self.uri, self.remote = uri, is_server(uri)
         self.client = MlflowClient(uri)
         self.run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
         self.id = self.run.info.run_id
+        self.run_dir = Path(tags["sketchsweep.run_dir"]) if "sketchsweep.run_dir" in tags else None
+        self.pending: list[tuple[list[Metric], list[RunTag]]] = []
+        self.outage: float | None = None  # when the server stopped answering
         mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if not self._flush(final=True):
+                self._save_unsent()
+        finally:  # a run is ended whatever happened to its last metrics
+            try:
+                self._end(exc_type, exc, tb)
+            except Exception as e:
+                if not self._unreachable(e):
+                    raise
+                # The result is in the run folder and the study; losing the server must not lose the trial.
+                _log.error(
+                    "MLflow run %s could not be ended at mlflow.tracking_uri=%s (server unreachable: %s); "
+                    "it stays RUNNING",
+                    *(self.id, self.uri, e),
+                )
+
+    def _end(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             mlflow.end_run("FINISHED")
             return
@@ -144,66 +201,208 @@ class Run:
             mlflow.end_run("FAILED")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics(metrics, step=step)
+        now = int(time.time() * 1000)
+        self.pending.append(([Metric(k, float(v), now, step) for k, v in metrics.items()], []))
+        self._flush()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        mlflow.set_tags(tags)
+        self.pending.append(([], [RunTag(k, str(v)) for k, v in tags.items()]))
+        self._flush()
+
+    def _flush(self, final: bool = False) -> bool:
+        """Send what is buffered; False (and a warning) when the server cannot be reached.
+
+        Before the run's end a down server is detected by a quick /health probe instead of
+        MLflow's retries, which would stall training for minutes."""
+        if not self.pending:
+            return True
+        if self.remote and not final and server_problem(self.uri, timeout=2) is not None:
+            self._down()
+            return False
+        try:
+            while self.pending:
+                metrics, tags = self.pending[0]
+                self.client.log_batch(self.id, metrics=metrics, tags=tags)
+                self.pending.pop(0)
+        except Exception as e:
+            if not self._unreachable(e):
+                raise
+            self._down()
+            return False
+        if self.outage is not None:
+            _log.warning(
+                "MLflow server at %s is back after %.0f s: buffered metrics and tags sent",
+                *(self.uri, time.monotonic() - self.outage),
+            )
+            self.outage = None
+        return True
+
+    def _down(self) -> None:
+        if self.outage is None:
+            self.outage = time.monotonic()
+            _log.warning(
+                "MLflow server at %s (mlflow.tracking_uri) cannot be reached: training goes on, metrics are "
+                "buffered and sent when it is back",
+                self.uri,
+            )
+
+    def _unreachable(self, e: BaseException) -> bool:
+        """Whether ``e`` came from a server that cannot be reached (then it is not a bug to raise)."""
+        return self.remote and server_problem(self.uri, timeout=2) is not None
+
+    def _save_unsent(self) -> None:
+        import json
+
+        n = sum(len(m) + len(t) for m, t in self.pending)
+        rows = [
+            {"metrics": [m.to_dictionary() for m in metrics], "tags": {t.key: t.value for t in tags}}
+            for metrics, tags in self.pending
+        ]
+        where = "nowhere (no run folder)"
+        if self.run_dir is not None:
+            path = self.run_dir / "mlflow_unsent.json"
+            path.write_text(json.dumps({"run_id": self.id, "tracking_uri": self.uri, "batches": rows}, indent=1))
+            where = str(path)
+        _log.error(
+            "MLflow server at %s (mlflow.tracking_uri) still unreachable at the end of run %s: %d metric values "
+            "and tags not sent, saved to %s",
+            *(self.uri, self.id, n, where),
+        )
 
     def log_files(self, paths: list[Path], artifact_path: str | None = None) -> None:
-        for p in paths:
-            if p.is_dir():
-                mlflow.log_artifacts(str(p), artifact_path=p.name)
-            elif p.exists():
-                mlflow.log_artifact(str(p), artifact_path=artifact_path)
+        try:
+            for p in paths:
+                if p.is_dir():
+                    mlflow.log_artifacts(str(p), artifact_path=p.name)
+                elif p.exists():
+                    mlflow.log_artifact(str(p), artifact_path=artifact_path)
+        except Exception as e:
+            if not self._unreachable(e):
+                raise
+            _log.error(
+                "MLflow server at %s unreachable: artifacts not uploaded, they stay in %s", self.uri, paths[0].parent
+            )
 
     def log_model(self, model: torch.nn.Module, example: np.ndarray) -> None:
         """The model as an MLflow pytorch model (pt2 format, dynamic batch from a >1 example).
 
         pip_requirements is given explicitly: inferring it takes ~15 s per run."""
-        mlflow.pytorch.log_model(
-            model,
-            name="model",
+        try:
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            )
+        except Exception as e:
+            if not self._unreachable(e):
+                raise
+            _log.error("MLflow server at %s unreachable: the model was not logged (%s)", self.uri, e)
+
+    def log_onnx(self, path: Path, example: np.ndarray) -> None:
+        """An exported ``model.onnx`` as an MLflow onnx model (``onnx_model``), beside the PyTorch one."""
+        import mlflow.onnx
+        import onnx
+        import onnxruntime
+
+        mlflow.onnx.log_model(
+            onnx.load(str(path)),
+            name="onnx_model",
             input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"],
         )
 
 
 class SweepRun:
     """The MLflow parent run of a sweep; every trial's run is its child (``mlflow.parentRunId``).
 
-    Found again by the study's name when a sweep is resumed, so a study keeps one parent. Made
-    with ``MlflowClient`` rather than ``mlflow.start_run``: trials run in this process start their
-    own (fluent) runs, which must not nest under an active one."""
+    One per study, shared by all its workers and found again when a sweep is resumed: its id is
+    kept in the study (user attribute ``sketchsweep.mlflow_parent_run``), set by the worker that
+    created the study, which the database makes exactly one; failing that, it is found by the
+    study's name. Made with ``MlflowClient`` rather than ``mlflow.start_run``: trials run in this
+    process start their own (fluent) runs, which must not nest under an active one."""
 
-    def __init__(self, config, study_name: str, space: dict[str, Any], objectives: list[str], directions: list[str]):
+    ATTR = "sketchsweep.mlflow_parent_run"
+
+    def __init__(
+        self,
+        config,
+        study_name: str,
+        space: dict[str, Any],
+        objectives: list[str],
+        directions: list[str],
+        study=None,
+        created: bool = True,
+    ):
         self.uri = tracking_uri(config.mlflow.tracking_uri)
-        experiment_id = setup_experiment(self.uri, config.mlflow.experiment_name, config.mlflow.artifact_root)
+        self.experiment_id = setup_experiment(self.uri, config.mlflow.experiment_name, config.mlflow.artifact_root)
         self.client = MlflowClient(self.uri)
-        found = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`sketchsweep.study` = '{study_name}' and tags.`sketchsweep.role` = 'sweep'",
-            max_results=1,
-        )
-        if found:
-            self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            tags = {
-                "sketchsweep.role": "sweep",
-                "sketchsweep.study": study_name,
-                "search_space": "; ".join(f"{k}: {v}" for k, v in space.items())[:5000],
-                "objectives": ",".join(f"{o} ({d})" for o, d in zip(objectives, directions, strict=True)),
-                **git_state(),
-            }
-            self.run_id = self.client.create_run(experiment_id, run_name=study_name, tags=tags).info.run_id
         self.objectives = objectives
+        run_id = None
+        if study is not None:
+            # Another worker is creating the study's parent run: wait for it (until that worker
+            # has started trials, it has not finished setting up; give up after a minute).
+            deadline = time.monotonic() + 60
+            while (run_id := self._existing(study.user_attrs.get(self.ATTR))) is None and not created:
+                if study.get_trials(deepcopy=False) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        if run_id is None:
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`sketchsweep.study` = '{study_name}' and tags.`sketchsweep.role` = 'sweep'",
+                max_results=1,
+            )
+            if found:
+                run_id = found[0].info.run_id
+            else:
+                tags = {
+                    "sketchsweep.role": "sweep",
+                    "sketchsweep.study": study_name,
+                    "search_space": "; ".join(f"{k}: {v}" for k, v in space.items())[:5000],
+                    "objectives": ",".join(f"{o} ({d})" for o, d in zip(objectives, directions, strict=True)),
+                    **git_state(),
+                }
+                run_id = self.client.create_run(self.experiment_id, run_name=study_name, tags=tags).info.run_id
+            if study is not None:
+                study.set_user_attr(self.ATTR, run_id)
+        self.run_id = run_id
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def _existing(self, run_id: str | None) -> str | None:
+        """``run_id`` if it is a live run in this store (a study may move to another tracking server)."""
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return run_id if run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id else None
 
     def end(self, study, status: str) -> None:
-        """Log the study's result (best trial or Pareto front, trials table, plots) and close."""
+        """Log the study's result (best trial or Pareto front, trials table, plots) and close,
+        unless other workers still run trials: the last one to stop closes the parent."""
+        from optuna.trial import TrialState
+
         try:
             self._log_study(study)
         finally:
-            self.client.set_terminated(self.run_id, status)
+            if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                logging.getLogger("sketchsweep").info("other workers still run trials: parent run left RUNNING")
+            else:
+                self.client.set_terminated(self.run_id, status)
+
+    def end_lost_trial(self, study_name: str, number: int, why: str) -> None:
+        """End the MLflow run of a trial whose worker died (it would stay RUNNING forever)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`optuna.study` = '{study_name}' and tags.`optuna.trial` = '{number}' "
+            "and attributes.status = 'RUNNING'",
+        )
+        for run in runs:
+            self.client.set_tag(run.info.run_id, "sketchsweep.stopped", why)
+            self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+            self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _log_study(self, study) -> None:
         import json

@@ -9,10 +9,14 @@ joblib, submitit), not only when the job runs inside the sweeper's process.
 from __future__ import annotations
 
 import json
+import re
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 PRUNERS = {
     "median": optuna.pruners.MedianPruner,
@@ -29,14 +33,81 @@ def make_pruner(name: str, kwargs: dict | None = None) -> optuna.pruners.BasePru
     return PRUNERS[name](**(kwargs or {}))
 
 
-def open_storage(spec: str) -> optuna.storages.BaseStorage | str:
-    """An Optuna storage URL (``sqlite:///...``, ``postgresql+psycopg://...``) as is; a file path
-    becomes a JournalStorage file, which is safe for several processes on one machine."""
-    if "://" in spec:
-        return spec
-    path = Path(spec).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+class StorageError(ValueError):
+    """A storage URL that cannot be used: a missing driver or a database that cannot be reached."""
+
+
+def masked(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def storage_url(spec: str) -> str:
+    """``postgresql://`` and ``postgres://`` mean psycopg 3 here (the ``[postgres]`` extra), not
+    SQLAlchemy's default psycopg2; any other URL is kept as given."""
+    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", spec)
+
+
+# Jobs in one process share one engine (connection pool) per URL instead of one per trial.
+_JOB_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+
+
+def open_storage(
+    spec: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> optuna.storages.BaseStorage:
+    """A storage for ``hydra.sweeper.storage``: a database URL becomes an ``RDBStorage`` (with
+    Optuna's heartbeat when ``heartbeat_interval`` is given); a file path becomes a JournalStorage
+    file, which is safe for several processes on one machine but has no heartbeat."""
+    if "://" not in spec:
+        path = Path(spec).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    url = storage_url(spec)
+    shared = heartbeat_interval is None and on_stale is None
+    if shared and url in _JOB_STORAGES:
+        return _JOB_STORAGES[url]
+    if url.startswith("postgresql+psycopg:"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise StorageError(
+                f"hydra.sweeper.storage={masked(spec)}: PostgreSQL needs psycopg 3, which is not installed; "
+                "expected `pip install 'sketchsweep[postgres]'` (or psycopg[binary])"
+            ) from None
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url,
+                    # pre_ping: a connection the database dropped (a restart) is replaced, not failed on.
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=on_stale,
+                )
+            break
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            # Workers starting together on a new database race to create Optuna's tables: try again.
+            if "connect" not in reason.lower() and attempt < 4:
+                time.sleep(0.5 + attempt)
+                continue
+            if "connect" not in reason.lower():
+                raise
+            raise StorageError(
+                f"hydra.sweeper.storage={masked(spec)}: cannot connect to the database ({reason}); expected a "
+                "reachable server and an existing database, e.g. postgresql+psycopg://user@host:5432/optuna"
+            ) from None
+    if shared:
+        _JOB_STORAGES[url] = storage
+    return storage
 
 
 class TrialLink:

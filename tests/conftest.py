@@ -3,9 +3,17 @@ store per test, and a runner for the real `python -m sketchsweep.train` command.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,6 +23,17 @@ from sketchsweep.config import PROJECT_ROOT, register_configs
 from sketchsweep.data.synthetic import write_synthetic
 
 SHARED_QUICKDRAW = PROJECT_ROOT.parent / "shared" / "data" / "quickdraw"
+RUN_SLOW = os.environ.get("SKETCHSWEEP_SLOW_TESTS") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow keep the default suite under 5 minutes; CI runs them too."""
+    if RUN_SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: run with SKETCHSWEEP_SLOW_TESTS=1 (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +58,8 @@ def tiny_overrides(data: Path, store: str, run_dir: Path, *extra: str) -> list[s
         "trainer.batch_size=32",
         f"mlflow.tracking_uri={store}",
         "mlflow.log_model=false",
+        "mlflow.log_onnx=false",
+        "mlflow.log_evaluation=false",
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
@@ -66,3 +87,160 @@ def compose_config(overrides: list[str]):
     register_configs()
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
+
+
+# -- Real servers for the scale-out tests: a throwaway PostgreSQL cluster and an MLflow server ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_bin() -> Path | None:
+    """The folder of initdb/pg_ctl: PATH first, then Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return versions[-1].parent if versions else None
+
+
+class Postgres:
+    """A PostgreSQL cluster initdb'd in a temp folder, on 127.0.0.1 and a free port, trust auth.
+
+    PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user (which
+    Debian's package creates) or ``nobody``, owning the folder."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin, self.port = bin_dir, free_port()
+        # Not under pytest's tmp_path: that is 0700 and root's, so the server's user could not enter it.
+        self.dir = Path(tempfile.mkdtemp(prefix="sketchsweep-pg-"))
+        self.user: dict = {}
+        if os.geteuid() == 0:
+            import pwd
+
+            account = next((n for n in ("postgres", "nobody") if _has_user(n)), None)
+            if account is None:
+                pytest.skip("PostgreSQL cannot run as root and there is no postgres/nobody user to run it as")
+            pw = pwd.getpwnam(account)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        self._pg("initdb", "-D", str(self.dir / "data"), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+        self.start()
+
+    def _pg(self, tool: str, *args: str) -> None:
+        proc = subprocess.run([str(self.bin / tool), *args], capture_output=True, text=True, timeout=120, **self.user)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+
+    def start(self) -> None:
+        # fsync off: a throwaway cluster needs no durability, and the tests get faster.
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c synchronous_commit=off"
+        opts += " -c max_connections=300"
+        self._pg("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-o", opts, "-w", "start")
+
+    def stop(self) -> None:
+        # immediate: nothing to keep, and a clean shutdown waits for the MLflow server's connections.
+        self._pg("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+
+    def url(self, db: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{db}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the session; skipped only when its binaries are absent."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip(
+            "PostgreSQL binaries not found (no initdb in PATH or /usr/lib/postgresql/*/bin); "
+            "`make test` as root installs Debian's postgresql package"
+        )
+    server = Postgres(bin_dir)
+    yield server
+    with contextlib.suppress(Exception):
+        server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_db(postgres, request) -> str:
+    """A fresh database on the session's PostgreSQL for one test: its SQLAlchemy URL."""
+    name = re.sub(r"\W+", "_", request.node.name.lower())[:40] + f"_{uuid.uuid4().hex[:6]}"
+    return postgres.create_database(name)
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a PostgreSQL backend store and a local artifact root."""
+
+    def __init__(self, backend: str, artifacts: Path) -> None:
+        self.backend, self.artifacts, self.port = backend, artifacts, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = artifacts.parent / "mlflow-server.log"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        cmd = [
+            *(str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", self.backend),
+            *("--artifacts-destination", self.artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(self.port)),
+            *("--workers", "1"),
+        ]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True
+            )
+        deadline = time.monotonic() + 120
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {self.log.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+    def healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the whole server (uvicorn and its workers: it runs in its own session)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory):
+    """One MLflow tracking server for the session, its runs in PostgreSQL."""
+    server = MlflowServer(postgres.create_database("mlflow"), tmp_path_factory.mktemp("mlflow-server") / "artifacts")
+    yield server
+    server.stop()

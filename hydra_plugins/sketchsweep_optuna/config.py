@@ -24,8 +24,16 @@ class OptunaSweeperConf:
     n_trials: int = 20  # the study's total: a resumed study runs only what is missing
     n_jobs: int = 1  # trials handed to the launcher at a time (for parallel launchers)
     study_name: str | None = None  # null: derived from the search space, so the same command resumes
-    storage: str | None = None  # Optuna storage URL or a .journal path; null: <project>/mlruns/optuna/<study>.journal
+    # Optuna storage: a .journal path (one sweep process per study) or a database URL, e.g.
+    # postgresql+psycopg://user@host/db (several workers); null: <project>/mlruns/optuna/<study>.journal
+    storage: str | None = None
     max_failures: int = 3  # failed trials tolerated before the sweep gives up
+    # Database storages only (several workers on one study): a running trial's worker records a
+    # heartbeat every heartbeat_interval seconds; one silent for grace_period seconds (null: twice
+    # the interval) is failed by another worker and re-queued with the same params max_retry times.
+    heartbeat_interval: int = 60
+    grace_period: int | None = None
+    max_retry: int = 1
     params: Any = None  # search space in Hydra's override grammar
 
 

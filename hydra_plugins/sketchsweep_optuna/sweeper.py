@@ -12,6 +12,10 @@ import hashlib
 import json
 import logging
 import math
+import os
+import threading
+import time
+import warnings
 from typing import Any
 
 import optuna
@@ -22,7 +26,9 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+
+from sketchsweep.trial import masked
 
 log = logging.getLogger("sketchsweep.sweeper")
 
@@ -35,6 +41,44 @@ SAMPLERS = {
     "nsgaii": optuna.samplers.NSGAIISampler,
 }
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+WORKER_ENV = "SKETCHSWEEP_WORKER"  # this worker's index among several on one study
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Optuna's own stale-trial check (what ``Study.optimize`` runs before each trial)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class Heartbeat:
+    """Record the heartbeat of running trials every ``interval`` seconds from a thread of this
+    process, which (with Hydra's basic launcher) is the one training them: if it dies, they stop
+    beating and another worker fails and re-queues them. A missed beat (database briefly
+    unreachable) is logged, not raised."""
+
+    def __init__(self, storage, trial_ids: list[int], interval: int) -> None:
+        self.storage, self.trial_ids, self.interval = storage, trial_ids, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        if self.storage is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            for trial_id in self.trial_ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as e:
+                    log.warning("heartbeat of trial id %d not recorded: %s", trial_id, e)
 
 
 def distribution(override: Override) -> BaseDistribution | str:
@@ -93,10 +137,14 @@ class OptunaSweeper(Sweeper):
         self.job_idx = 0
 
     # -- study ---------------------------------------------------------------------------------
-    def _sampler(self, space: dict[str, BaseDistribution]) -> optuna.samplers.BaseSampler:
+    def _sampler(self, space: dict[str, BaseDistribution], shared: bool = False) -> optuna.samplers.BaseSampler:
         kwargs = dict(self.conf.sampler_kwargs or {})
         if self.conf.seed is not None:
-            kwargs.setdefault("seed", self.conf.seed)
+            # Workers on one study with one seed would sample the same params: offset it by the
+            # worker's index (set by `python -m sketchsweep.workers`; 0 for a lone sweep).
+            kwargs.setdefault("seed", self.conf.seed + int(os.environ.get(WORKER_ENV, "0")))
+        if shared and self.conf.sampler == "tpe":
+            kwargs.setdefault("constant_liar", True)  # do not propose what other workers are running
         if self.conf.sampler == "grid":
             grid = {}
             for name, d in space.items():
@@ -123,7 +171,6 @@ class OptunaSweeper(Sweeper):
 
     # -- sweep ---------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
-        from sketchsweep.tracking import SweepRun
         from sketchsweep.trial import make_pruner, open_storage
 
         params = [f"{k}={v}" for k, v in (self.conf.params or {}).items()]
@@ -132,33 +179,69 @@ class OptunaSweeper(Sweeper):
             raise ValueError("hydra.sweeper: no search space; give hydra.sweeper.params or sweep overrides")
         name = self._study_name(space, fixed)
         storage_spec = self._storage(name)
-        study = optuna.create_study(
-            study_name=name,
-            storage=open_storage(storage_spec),
-            sampler=self._sampler(space),
-            pruner=make_pruner(self.conf.pruner, self.pruner_kwargs),
-            directions=self.directions,
-            load_if_exists=True,
+        shared = "://" in storage_spec  # a database: several workers may share the study
+        self.parent = None
+        storage = open_storage(
+            storage_spec,
+            heartbeat_interval=self.conf.heartbeat_interval if shared else None,
+            grace_period=self.conf.grace_period if shared else None,
+            on_stale=self._on_stale if shared else None,
         )
-        # A sweep killed mid-trial leaves it RUNNING: nobody will finish it, so it is a failure
-        # (not counted towards n_trials). The study is assumed to have one sweep process.
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        kwargs = {"sampler": self._sampler(space, shared), "pruner": make_pruner(self.conf.pruner, self.pruner_kwargs)}
+        try:  # the worker that creates the study also creates its MLflow parent run
+            study = optuna.create_study(study_name=name, storage=storage, directions=self.directions, **kwargs)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=name, storage=storage, **kwargs)
+            created = False
+        if not shared:
+            # A journal study has one sweep process: a trial left RUNNING is from a killed sweep and
+            # will never finish, so it is a failure (not counted towards n_trials).
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         done = len(study.get_trials(deepcopy=False, states=DONE))
         log.info(
             "study %s (%s): %d of %d trials done; sampler %s, pruner %s; storage %s",
             *(name, ", ".join(self.directions), done, self.conf.n_trials, self.conf.sampler, self.conf.pruner),
-            storage_spec,
+            masked(storage_spec),
         )
-        parent = SweepRun(self.config, name, space, self.objectives, self.directions)
+        from sketchsweep.tracking import SweepRun
+
+        self.parent = SweepRun(self.config, name, space, self.objectives, self.directions, study=study, created=created)
         failures, trials = 0, []
         try:
-            while done < self.conf.n_trials:
-                batch = min(self.conf.n_jobs, self.conf.n_trials - done)
-                trials = [study.ask(space) for _ in range(batch)]
-                overrides = [self._overrides(t, fixed, name, storage_spec, parent.run_id) for t in trials]
+            while True:
+                if shared:
+                    fail_stale(study)  # trials of workers that died: FAIL, re-queued by _on_stale
+                trials = []
+                states = [t.state for t in study.get_trials(deepcopy=False)]
+                done, running = sum(s in DONE for s in states), states.count(TrialState.RUNNING)
+                if done >= self.conf.n_trials:
+                    break
+                free = self.conf.n_trials - done - running  # WAITING trials (retries) fill free slots
+                if free <= 0:
+                    if not shared:
+                        break
+                    # The rest is running on other workers: stay, to take over their trials if they die.
+                    time.sleep(min(2.0, self.conf.heartbeat_interval))
+                    continue
+                for _ in range(min(self.conf.n_jobs, free)):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize": it is, here
+                        trial = study.ask(space)
+                    if shared:
+                        storage.record_heartbeat(trial._trial_id)
+                    if self._surplus(study, trial):
+                        continue
+                    trials.append(trial)
+                if not trials:
+                    continue
+                overrides = [self._overrides(t, fixed, name, storage_spec, self.parent.run_id) for t in trials]
                 self.validate_batch_is_legal(overrides)
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                with Heartbeat(
+                    storage if shared else None, [t._trial_id for t in trials], self.conf.heartbeat_interval
+                ):
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
                 for trial, ret in zip(trials, returns, strict=True):
                     try:
@@ -177,14 +260,47 @@ class OptunaSweeper(Sweeper):
                                 f"{failures} trials failed, more than hydra.sweeper.max_failures="
                                 f"{self.conf.max_failures}; the study {name} keeps what finished"
                             ) from e
-                done = len(study.get_trials(deepcopy=False, states=DONE))
+                trials = []
         except BaseException as e:  # Ctrl-C: KILLED; too many failures or a bad override: FAILED
             for trial in trials:  # a trial cut off here will never finish
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            parent.end(study, "FAILED" if isinstance(e, Exception) else "KILLED")
+            self.parent.end(study, "FAILED" if isinstance(e, Exception) else "KILLED")
             raise
-        parent.end(study, "FINISHED")
+        self.parent.end(study, "FINISHED")
         self._log_best(study)
+
+    def _surplus(self, study: optuna.Study, trial: optuna.Trial) -> bool:
+        """Give up a trial asked after other workers took the last of ``n_trials``.
+
+        Optuna has no atomic "ask only if fewer than N", but trial numbers are assigned in a
+        database transaction: a trial with ``n_trials`` live (not FAIL) trials numbered before it
+        is one too many. It is told FAIL, tagged with the user attribute ``sketchsweep.surplus``,
+        without being trained."""
+        ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != TrialState.FAIL]
+        if len(ahead) < self.conf.n_trials:
+            return False
+        trial.set_user_attr("sketchsweep.surplus", f"n_trials={self.conf.n_trials} taken by other workers")
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        log.info("trial %d not run: the study's %d trials are taken by other workers", trial.number, len(ahead))
+        return True
+
+    def _on_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """A trial whose worker stopped beating (killed, preempted) was just failed: re-queue it
+        with the same params (up to ``max_retry`` times) and end its MLflow run as KILLED."""
+        history = trial.system_attrs.get("retry_history", [])
+        retried = len(history) < self.conf.max_retry
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=self.conf.max_retry)(study, trial)
+        why = f"worker lost (no heartbeat for {self._grace()} s): optuna FAIL, " + (
+            "re-queued with the same params" if retried else f"not retried (max_retry={self.conf.max_retry})"
+        )
+        log.warning("trial %d: %s", trial.number, why)
+        if self.parent is not None:
+            self.parent.end_lost_trial(study.study_name, trial.number, why)
+
+    def _grace(self) -> int:
+        return self.conf.grace_period or 2 * self.conf.heartbeat_interval
 
     def _overrides(self, trial, fixed: dict[str, str], name: str, storage: str, parent_run_id: str) -> tuple[str, ...]:
         sweep = [
@@ -196,6 +312,9 @@ class OptunaSweeper(Sweeper):
             f"sweep.pruner={self.conf.pruner}",
             f"sweep.pruner_kwargs='{json.dumps(self.pruner_kwargs)}'",
         ]
+        if OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == "${hydra.job.num}":
+            # Job numbers restart at 0 in every worker; trial numbers are unique in the study.
+            sweep.append(f"hydra.sweep.subdir=trial-{trial.number}")
         return (*(f"{k}={v}" for k, v in trial.params.items()), *(f"{k}={v}" for k, v in fixed.items()), *sweep)
 
     def _log_best(self, study: optuna.Study) -> None:
