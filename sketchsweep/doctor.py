@@ -414,6 +414,9 @@ def _check_journal(report: Report, path: Path | None, default_dir: Path) -> None
 def _check_rdb(report: Report, url: str) -> None:
     import optuna
 
+    from sketchsweep.trial import storage_url
+
+    url = storage_url(url)  # as the sweeper reads it: postgres(ql):// means psycopg 3
     scheme = url.split("://", 1)[0]
     kwargs: dict[str, Any] = {}
     if scheme.startswith(("postgresql", "mysql")):

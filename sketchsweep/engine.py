@@ -84,7 +84,10 @@ class Precision:
 def resolve_precision(choice: str, device: torch.device) -> Precision:
     """``auto``: bf16 autocast on CUDA devices that support it, fp32 elsewhere."""
     if choice == "auto":
-        choice = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # Native bf16 needs compute capability 8.0 (Ampere); torch's is_bf16_supported() also
+        # counts slow emulation on older GPUs.
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        choice = "bf16" if native else "fp32"
     cuda = device.type == "cuda"
     if choice == "fp32":
         return Precision(channels_last=cuda)

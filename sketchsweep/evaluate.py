@@ -70,6 +70,8 @@ class Rows:
         rows = idx if self.index is None else self.index[idx]
         if isinstance(self.source, torch.Tensor):
             return self.source[torch.as_tensor(rows, device=self.source.device)].reshape(-1, 784)
+        if hasattr(self.source, "gather"):  # a RowReader: read just these rows, not the spans between them
+            return torch.from_numpy(self.source.gather(rows))
         return torch.from_numpy(np.ascontiguousarray(self.source[rows]).reshape(-1, 784))
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
@@ -602,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         target = load_target(trained, args.model, args.overrides, args.split, device)
         name = "evaluation" + (f"-{target.label}" if target.label else "")
         folder = _run_folder(args.model)
-        out = args.out or (folder / name if folder is not None else Path(f"evaluation-{trained.run_id}"))
+        out = args.out or (folder / name if folder is not None else Path(f"{name}-{trained.run_id}"))
         precision = str((trained.config.get("trainer") or {}).get("precision") or "auto")
         metrics = evaluation_artifacts(
             trained.model.to(device),

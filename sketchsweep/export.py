@@ -237,16 +237,20 @@ def check_parity(
     ref_probs = torch.softmax(torch.from_numpy(ref), dim=1).numpy()
     diff = float(max(np.abs(logits - ref).max(), np.abs(single - ref[:1]).max()))
     prob_diff = float(np.abs(probs - ref_probs).max())
+    # fp32 rounding (and ONNX Runtime's Conv+BatchNorm fusion) errs in proportion to the logits'
+    # size: the bound is atol for logits up to 10 in magnitude and grows with them beyond that
+    # (random-pixel probes can push a trained model's logits far past anything a drawing gives).
+    tol = atol * max(1.0, float(np.abs(ref).max()) / 10)
     top_ort, top_ref = logits.argmax(1), ref.argmax(1)
     agree = float((top_ort == top_ref).mean())
     # A different top-1 is only excused where PyTorch's two logits tie within the tolerance (either
     # answer is then right); any other disagreement fails, whatever the logit difference.
     rows = np.arange(len(ref))
-    real_flip = (top_ort != top_ref) & (ref[rows, top_ref] - ref[rows, top_ort] > 2 * atol)
-    if not (diff <= atol and prob_diff <= atol) or real_flip.any():
+    real_flip = (top_ort != top_ref) & (ref[rows, top_ref] - ref[rows, top_ort] > 2 * tol)
+    if not (diff <= tol and prob_diff <= atol) or real_flip.any():
         raise ParityError(
             f"{onnx_path}: ONNX Runtime does not match PyTorch: max |logit difference| {diff:.3g} "
-            f"(allowed {atol:g}), max |probability difference| {prob_diff:.3g}, top-1 agreement "
+            f"(allowed {tol:.3g}), max |probability difference| {prob_diff:.3g}, top-1 agreement "
             f"{agree:.1%} on {len(x)} inputs"
         )
     return diff, agree, len(x)

@@ -162,7 +162,11 @@ class Run:
         self.run_dir = Path(tags["sketchsweep.run_dir"]) if "sketchsweep.run_dir" in tags else None
         self.pending: list[tuple[list[Metric], list[RunTag]]] = []
         self.outage: float | None = None  # when the server stopped answering
-        mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
+        try:
+            mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
+        except BaseException:  # never leave an active run behind: the next trial in this process could not start
+            mlflow.end_run("FAILED")
+            raise
 
     def __enter__(self) -> Run:
         return self
@@ -269,35 +273,38 @@ class Run:
             *(self.uri, self.id, n, where),
         )
 
-    def log_files(self, paths: list[Path], artifact_path: str | None = None) -> None:
+    def _upload(self, what: str, upload) -> None:
+        """Artifacts are not buffered: while the server is down they are skipped with one error
+        (they stay in the run folder), instead of waiting out MLflow's retries for each."""
+        if self.remote and (self.outage is not None or server_problem(self.uri, timeout=2) is not None):
+            _log.error("MLflow server at %s unreachable: %s not uploaded (the run folder keeps it)", self.uri, what)
+            return
         try:
+            upload()
+        except Exception as e:
+            if not self._unreachable(e):
+                raise
+            _log.error("MLflow server at %s unreachable: %s not uploaded (the run folder keeps it)", self.uri, what)
+
+    def log_files(self, paths: list[Path], artifact_path: str | None = None) -> None:
+        def upload() -> None:
             for p in paths:
                 if p.is_dir():
                     mlflow.log_artifacts(str(p), artifact_path=p.name)
                 elif p.exists():
                     mlflow.log_artifact(str(p), artifact_path=artifact_path)
-        except Exception as e:
-            if not self._unreachable(e):
-                raise
-            _log.error(
-                "MLflow server at %s unreachable: artifacts not uploaded, they stay in %s", self.uri, paths[0].parent
-            )
+
+        self._upload(", ".join(p.name for p in paths), upload)
 
     def log_model(self, model: torch.nn.Module, example: np.ndarray) -> None:
         """The model as an MLflow pytorch model (pt2 format, dynamic batch from a >1 example).
 
         pip_requirements is given explicitly: inferring it takes ~15 s per run."""
-        try:
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-            )
-        except Exception as e:
-            if not self._unreachable(e):
-                raise
-            _log.error("MLflow server at %s unreachable: the model was not logged (%s)", self.uri, e)
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+        self._upload(
+            "the PyTorch model",
+            lambda: mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements),
+        )
 
     def log_onnx(self, path: Path, example: np.ndarray) -> None:
         """An exported ``model.onnx`` as an MLflow onnx model (``onnx_model``), beside the PyTorch one."""
@@ -305,11 +312,12 @@ class Run:
         import onnx
         import onnxruntime
 
-        mlflow.onnx.log_model(
-            onnx.load(str(path)),
-            name="onnx_model",
-            input_example=example,
-            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"],
+        requirements = [f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
+        self._upload(
+            "the ONNX model",
+            lambda: mlflow.onnx.log_model(
+                onnx.load(str(path)), name="onnx_model", input_example=example, pip_requirements=requirements
+            ),
         )
 
 

@@ -361,6 +361,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         log.info("MLflow run %s in experiment '%s' at %s", run.id, cfg.mlflow.experiment_name, uri)
         log.info("open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri %s)", uri)
         run.log_files([run_dir / ".hydra", run_dir / "train.log"])  # last, so the log is complete
+    if isinstance(data.images, RowReader):
+        data.images.close()
     if device.type == "cuda":  # trials in one process must not pile up GPU memory
         del model, net, optimizer, train_split, val_split
         torch.cuda.empty_cache()

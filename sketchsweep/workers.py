@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from hydra_plugins.sketchsweep_optuna.sweeper import WORKER_ENV
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            errors="replace",  # one odd byte must not stop the copying thread (the worker would block)
             start_new_session=True,
         )
         procs.append(proc)
@@ -92,13 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=None if not stopping else STOP_TIMEOUT))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(p.wait())
+    # Poll rather than wait(): a blocking wait() would not notice that a stop began meanwhile,
+    # and a worker stuck after it (e.g. in MLflow's retries) would never be killed.
+    deadline = None
+    while any(p.poll() is None for p in procs):
+        if stopping and deadline is None:
+            deadline = time.monotonic() + STOP_TIMEOUT
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.2)
+    codes = [p.wait() for p in procs]
     for t in threads:
         t.join(timeout=5)
     if stopping:

@@ -139,3 +139,19 @@ def test_training_streams_when_data_exceeds_the_budget(tiny_data, tmp_path, stor
     a = torch.load(tmp_path / "streamed" / "model_weights.pth", weights_only=True)
     b = torch.load(tmp_path / "resident" / "model_weights.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_dropped_reader_closes_its_files(tiny_data):
+    """Sweep trials run in one process: each trial's reader must not leave its files open."""
+    import gc
+    import os
+
+    files = list(select_files(tiny_data).values())
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        reader = RowReader(files)
+        reader.gather(np.arange(10))  # opens one descriptor per class file
+        assert len(os.listdir("/proc/self/fd")) >= before + len(files)
+        del reader
+        gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -136,6 +136,7 @@ def test_too_many_failures_stop_the_sweep(tiny_data, tmp_path):
     assert parent.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_rerunning_trials(tiny_data, tmp_path):
     args = sweep_args(
         tiny_data,
@@ -176,6 +177,7 @@ def test_a_killed_sweep_resumes_without_rerunning_trials(tiny_data, tmp_path):
     assert sum(c.info.status == "FINISHED" for c in children) == 6
 
 
+@pytest.mark.slow
 def test_pareto_preset_returns_both_objectives(tiny_data, tmp_path):
     proc = train_cli(
         sweep_args(

@@ -207,6 +207,7 @@ def test_progress_bar_on_a_terminal(tiny_data, tmp_path, store):
     assert "epoch 1/3" in out and "batch" in out and "\r" in out
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     ov = ["trainer.epochs=12", "trainer.batch_size=64", "model.dropout=0.5"]
@@ -348,6 +349,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_mlflow_ui_serves_the_run_metrics_and_artifacts(quickstart):
     """What `make ui` starts, on the quickstart store: the run, its metrics and its files."""
     import json

@@ -197,7 +197,8 @@ class OptunaSweeper(Sweeper):
         if not shared:
             # A journal study has one sweep process: a trial left RUNNING is from a killed sweep and
             # will never finish, so it is a failure (not counted towards n_trials).
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            # (WAITING trials are enqueued ones: ask() runs them; Optuna cannot tell() them.)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         done = len(study.get_trials(deepcopy=False, states=DONE))
         log.info(

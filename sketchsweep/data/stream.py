@@ -105,6 +105,9 @@ class RowReader:
             os.close(fd)
         self._fds = None
 
+    # Sweep trials run in one process: a reader dropped without close() must not keep its files open.
+    __del__ = close
+
 
 class StreamingSplit:
     """A split read from disk while training: the same interface as ``engine.Split``.
