@@ -64,11 +64,28 @@ def seed_epoch(model, loader, optimizer, device, max_batches: int | None = None)
     return seen
 
 
+UNIQUE = 200  # drawings rendered per class; more are repeats (drawing takes ~2 ms each, speed is what is measured)
+
+
 def make_data(classes: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic sketches; beyond the 10 shapes, classes reuse shapes with other seeds."""
+    """Synthetic sketches; beyond the 10 shapes, classes reuse shapes with other seeds. At most
+    ``UNIQUE`` distinct drawings per class, repeated up to ``per_class`` (345 x 10k would take
+    two hours to render, and throughput does not depend on the pixels)."""
     names = list(SHAPES)
-    images = [draw_class(names[c % len(names)], per_class, seed=c // len(names)) for c in range(classes)]
+    n = min(per_class, UNIQUE)
+    images = [
+        np.resize(draw_class(names[c % len(names)], n, seed=c // len(names)), (per_class, 784)) for c in range(classes)
+    ]
     return np.concatenate(images), np.repeat(np.arange(classes), per_class)
+
+
+def write_folder(root: Path, classes: int, per_class: int) -> None:
+    """The benchmark's data as one ``class<k>.npy`` per class, for ``data=quickdraw data.root=...``."""
+    images, _ = make_data(classes, per_class)
+    root.mkdir(parents=True, exist_ok=True)
+    for c in range(classes):
+        np.save(root / f"class{c:03d}.npy", images[c * per_class : (c + 1) * per_class])
+    print(f"wrote {classes} classes x {per_class} drawings to {root}")
 
 
 def sync(device: torch.device) -> None:
@@ -222,7 +239,13 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=2048)
     ap.add_argument("--compile", action="store_true", help="also time the engine under torch.compile")
     ap.add_argument("--profile", action="store_true", help="print and save a torch.profiler table per run")
+    ap.add_argument(
+        "--write-data", metavar="DIR", help="only write the data as a numpy_bitmap folder (end-to-end runs)"
+    )
     args = ap.parse_args()
+    if args.write_data:
+        write_folder(Path(args.write_data), args.classes, args.per_class)
+        return
     results = bench(args)
     print(
         "\n| width | loop | precision | batch | train img/s | input img/s | input share of train time | eval img/s "

@@ -77,7 +77,9 @@ class DataConfig:
     # Data up to this size is loaded whole (onto the GPU when training there); larger data is
     # streamed from disk. null: half the RAM (and at most half the GPU's memory).
     max_memory_gb: float | None = None
-    stream_order: StreamOrder = StreamOrder.exact  # how streamed data is shuffled (see data/stream.py)
+    # How streamed data is shuffled (data/stream.py). chunks: sequential reads, fast from any disk;
+    # exact: the resident path's order (same seed, same batches), scattered reads (slow from a cold disk).
+    stream_order: StreamOrder = StreamOrder.chunks
     val_fraction: float = 0.1
     test_fraction: float = 0.0  # > 0: a held-out test split, scored once at the end with the best weights
     split_seed: int = 0  # the validation split; independent of the training seed

@@ -2,9 +2,10 @@
 
 A background thread reads the rows of the next buffers while the training loop works on the
 current one; batches go to the device through pinned memory on CUDA, copied without blocking.
-By default the rows come in exactly the resident path's shuffled order (same seed, same
-batches); ``order="chunks"`` instead reads shuffled chunks of consecutive rows and shuffles
-again inside a buffer of many chunks, for disks where random reads are slow. Memory stays
+By default (``order="chunks"``) it reads shuffled chunks of consecutive rows and shuffles again
+inside a buffer of many chunks: sequential reads, fast from any disk. ``order="exact"`` gives
+exactly the resident path's shuffled order (same seed, same batches) at the price of scattered
+reads, which a cold disk serves several times slower (benchmarks/README.md). Memory stays
 bounded by a few buffers, whatever the size of the data.
 
 Reads use ``os.pread`` on the files rather than slicing a memory map: pages touched through a
@@ -15,6 +16,7 @@ kernel shares and reclaims.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -92,7 +94,8 @@ class RowReader:
         starts, ends = np.concatenate([[0], cuts]), np.append(cuts, len(rows))
         block = np.empty((len(rows), ROW), dtype=np.uint8)
         fds = self.fds()
-        for a, b, c, first in zip(starts.tolist(), ends.tolist(), cls[starts].tolist(), rows[starts].tolist()):
+        runs = zip(starts.tolist(), ends.tolist(), cls[starts].tolist(), rows[starts].tolist(), strict=True)
+        for a, b, c, first in runs:
             at = self.header[c] + (first - int(self.offsets[c])) * ROW
             if os.preadv(fds[c], [memoryview(block[a:b]).cast("B")], at) != (b - a) * ROW:
                 raise DataError(f"{self.files[c]}: is shorter than its header says (truncated?)")
@@ -112,11 +115,10 @@ class RowReader:
 class StreamingSplit:
     """A split read from disk while training: the same interface as ``engine.Split``.
 
-    ``order="exact"`` (the default) shuffles like the resident path, with the same permutation
-    from the same generator, so a run gives the same batches whether its data fits in memory or
-    not; it reads rows one by one (page cache or SSD speed). ``order="chunks"`` shuffles runs of
-    ``chunk_rows`` consecutive rows and then within a buffer: long sequential reads, for data on
-    disks where random reads are slow, at the price of a different (less random) order.
+    ``order="chunks"`` (the default) shuffles runs of ``chunk_rows`` consecutive rows and then
+    within a buffer: long sequential reads. ``order="exact"`` shuffles like the resident path, with
+    the same permutation from the same generator, so a run gives the same batches whether its
+    data fits in memory or not; it reads rows one by one (page cache or SSD speed).
     """
 
     def __init__(
@@ -128,7 +130,7 @@ class StreamingSplit:
         chunk_rows: int = 256,
         buffer_rows: int = 65536,
         prefetch: int = 2,
-        order: str = "exact",
+        order: str = "chunks",
     ) -> None:
         if order not in ("exact", "chunks"):
             raise ValueError(f"StreamingSplit order={order!r}: expected 'exact' or 'chunks'")
@@ -243,8 +245,6 @@ class StreamingSplit:
         finally:
             stop.set()
             while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
+                with contextlib.suppress(queue.Empty):
                     q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
             worker.join()
