@@ -104,7 +104,7 @@ class RowReader:
         return out
 
     def close(self) -> None:
-        for fd in self._fds or []:
+        for fd in getattr(self, "_fds", None) or []:  # (also called for a reader whose __init__ raised)
             os.close(fd)
         self._fds = None
 
