@@ -154,44 +154,12 @@ class StreamingSplit:
     def device(self) -> torch.device:
         return self._device
 
-    def _exact_buffers(self, rows_in_order: np.ndarray, rows: int, out: queue.Queue, stop) -> None:
-        """Producer thread (exact order): buffers of ``rows`` images, in exactly the given order."""
+    def _produce(self, buffers: Iterator[tuple[np.ndarray, np.ndarray]], out: queue.Queue, stop) -> None:
+        """Producer thread: put ``buffers`` (pinned on CUDA) on ``out`` until done or stopped."""
         try:
-            for pos in range(0, len(rows_in_order), rows):
+            for images, labels in buffers:
                 if stop.is_set():
                     break
-                take = rows_in_order[pos : pos + rows]
-                x, y = torch.from_numpy(self.reader.gather(take)), torch.from_numpy(self.all_labels[take])
-                if self._device.type == "cuda":
-                    x, y = x.pin_memory(), y.pin_memory()
-                out.put((x, y))
-            out.put(None)
-        except BaseException as e:  # hand any failure to the consumer, which re-raises it
-            out.put(e)
-
-    def _buffers(self, order: np.ndarray, rng: np.random.Generator | None, rows: int, out: queue.Queue, stop) -> None:
-        """Producer thread (chunk order): fill buffers of ``rows`` images from chunks in ``order``."""
-        try:
-            pos = 0
-            while pos < len(order) and not stop.is_set():
-                take, n = [], 0
-                while pos < len(order) and n < rows:
-                    a, b = self.chunks[order[pos]]
-                    take.append(order[pos])
-                    n += b - a
-                    pos += 1
-                images = np.empty((n, ROW), dtype=np.uint8)
-                labels = np.empty(n, dtype=np.int64)
-                at = 0
-                for k in take:
-                    a, b = self.chunks[k]
-                    c = int(self.chunk_class[k])
-                    self.reader.read_rows(c, self.indices[a:b] - self.reader.offsets[c], images[at : at + b - a])
-                    labels[at : at + b - a] = self.labels[a:b]
-                    at += b - a
-                if rng is not None:  # mix the chunks: a batch draws from many classes and files
-                    perm = rng.permutation(n)
-                    images, labels = images[perm], labels[perm]
                 x, y = torch.from_numpy(images), torch.from_numpy(labels)
                 if self._device.type == "cuda":
                     x, y = x.pin_memory(), y.pin_memory()
@@ -199,6 +167,38 @@ class StreamingSplit:
             out.put(None)
         except BaseException as e:  # hand any failure to the consumer, which re-raises it
             out.put(e)
+
+    def _exact_buffers(self, rows_in_order: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Buffers of ``rows`` images in exactly the given order."""
+        for pos in range(0, len(rows_in_order), rows):
+            take = rows_in_order[pos : pos + rows]
+            yield self.reader.gather(take), self.all_labels[take]
+
+    def _chunk_buffers(
+        self, order: np.ndarray, rng: np.random.Generator | None, rows: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Buffers of about ``rows`` images from whole chunks in ``order``, shuffled within."""
+        pos = 0
+        while pos < len(order):
+            take, n = [], 0
+            while pos < len(order) and n < rows:
+                a, b = self.chunks[order[pos]]
+                take.append(order[pos])
+                n += b - a
+                pos += 1
+            images = np.empty((n, ROW), dtype=np.uint8)
+            labels = np.empty(n, dtype=np.int64)
+            at = 0
+            for k in take:
+                a, b = self.chunks[k]
+                c = int(self.chunk_class[k])
+                self.reader.read_rows(c, self.indices[a:b] - self.reader.offsets[c], images[at : at + b - a])
+                labels[at : at + b - a] = self.labels[a:b]
+                at += b - a
+            if rng is not None:  # mix the chunks: a batch draws from many classes and files
+                perm = rng.permutation(n)
+                images, labels = images[perm], labels[perm]
+            yield images, labels
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None
@@ -212,7 +212,7 @@ class StreamingSplit:
             take = self.given
             if generator is not None:
                 take = take[epoch_permutation(len(take), generator).numpy()]
-            job, args = self._exact_buffers, (take, rows, q, stop)
+            buffers = self._exact_buffers(take, rows)
         else:
             rng = None
             order = np.arange(len(self.chunks))
@@ -220,8 +220,8 @@ class StreamingSplit:
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator))
                 rng = np.random.default_rng(seed)
                 order = rng.permutation(len(self.chunks))
-            job, args = self._buffers, (order, rng, rows, q, stop)
-        worker = threading.Thread(target=job, args=args, daemon=True)
+            buffers = self._chunk_buffers(order, rng, rows)
+        worker = threading.Thread(target=self._produce, args=(buffers, q, stop), daemon=True)
         worker.start()
         try:
             carry: tuple[torch.Tensor, torch.Tensor] | None = None
