@@ -56,10 +56,11 @@ def load_trained(ref: str | Path) -> TrainedModel:
         return _from_mlflow(text)
     path = Path(text).expanduser()
     if path.is_dir():
-        if (path / BEST_WEIGHTS).is_file():
-            return _from_weights(path / BEST_WEIGHTS, text)
+        # The checkpoint holds the best weights, classes, config and run id: one read for all.
         if (path / CHECKPOINT).is_file():
             return _from_checkpoint(path / CHECKPOINT, text)
+        if (path / BEST_WEIGHTS).is_file():
+            return _from_weights(path / BEST_WEIGHTS, text)
         raise ModelRefError(f"{path}: not a training run folder (no {BEST_WEIGHTS} or {CHECKPOINT} in it)")
     if not path.is_file():
         raise ModelRefError(f"{path}: no such file or folder; expected a run folder, a checkpoint or runs:/<run_id>")

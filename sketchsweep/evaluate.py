@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import difflib
 import json
 import re
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sketchsweep.data.categories import class_key, suggest
 from sketchsweep.engine import Precision, resolve_precision, to_input
 
 PER_CLASS = "per_class_accuracy.csv"
@@ -395,27 +395,23 @@ class Target:
     description: str
 
 
-def _key(name: str) -> str:
-    # As data.classes matching: "_" and space are the same ("traffic_light" is "traffic light").
-    return name.strip().replace("_", " ")
-
-
 def map_classes(data_classes: list[str], model_classes: list[str]) -> np.ndarray:
     """Index into the model's classes for each of the data's classes, matched by name."""
-    known = {_key(n): i for i, n in enumerate(model_classes)}
-    unknown = [n for n in data_classes if _key(n) not in known]
+    known = {class_key(n): i for i, n in enumerate(model_classes)}
+    unknown = [n for n in data_classes if class_key(n) not in known]
     if unknown:
+        names = {k: model_classes[i] for k, i in known.items()}
         hints = []
         for name in unknown[:5]:
-            close = difflib.get_close_matches(_key(name), list(known), n=1, cutoff=0.6)
-            hints.append(f"{name!r}" + (f" (did you mean {model_classes[known[close[0]]]!r}?)" if close else ""))
+            hint = suggest(class_key(name), names)
+            hints.append(f"{name!r}" + (f" ({hint})" if hint else ""))
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         theirs = f": {', '.join(model_classes)}" if len(model_classes) <= 10 else " are in its classes.json"
         raise EvalError(
             f"the data has class(es) the model does not know: {', '.join(hints)}{more}; the model's "
             f"{len(model_classes)} classes{theirs} (pick known ones with data.classes=[...])"
         )
-    return np.array([known[_key(n)] for n in data_classes], dtype=np.int64)
+    return np.array([known[class_key(n)] for n in data_classes], dtype=np.int64)
 
 
 def _run_folder(ref: str) -> Path | None:

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from sketchsweep.checkpoint import BEST_WEIGHTS, ModelRefError, TrainedModel, load_trained
+from sketchsweep.data.categories import class_key
+from sketchsweep.data.folder import DataError, list_class_files
 from sketchsweep.engine import to_input
 
 INPUT_NAME = "images"
@@ -259,16 +261,19 @@ def check_parity(
 def sample_real_images(trained: TrainedModel, per_class: int = 2, max_classes: int = 16) -> tuple[np.ndarray, str]:
     """A few drawings to check parity on: the run's own data files when they are still where the
     run read them, else synthetic sketches (sketch-like, unlike random pixels)."""
+    from sketchsweep.train import synthetic_folder
+
     data = trained.config.get("data") or {}
-    root = data.get("root")
-    if root and data.get("source") == "synthetic":
-        s = data.get("synthetic") or {}
-        root = Path(root) / f"{s.get('num_classes')}classes-{s.get('per_class')}each-seed{s.get('seed')}"
+    root = synthetic_folder(data) if data.get("source") == "synthetic" else data.get("root")
     rows = []
     if root and Path(root).is_dir():
-        wanted = {_norm(c) for c in trained.class_names[:max_classes]}
-        for f in sorted(Path(root).glob("*.npy")):
-            if _norm(f.stem.removeprefix("full_numpy_bitmap_")) not in wanted:
+        wanted = {class_key(c) for c in trained.class_names[:max_classes]}
+        try:
+            files = list_class_files(root)
+        except DataError:
+            files = {}
+        for name, f in files.items():
+            if class_key(name) not in wanted:
                 continue
             try:
                 a = np.load(f, mmap_mode="r", allow_pickle=False)
@@ -282,10 +287,6 @@ def sample_real_images(trained: TrainedModel, per_class: int = 2, max_classes: i
     names = [c for c in trained.class_names if c in SHAPES] or list(SHAPES)
     drawn = np.concatenate([draw_class(n, per_class, seed=1234) for n in names[:max_classes]])
     return drawn.reshape(-1, 28, 28), f"{len(drawn)} synthetic sketches"
-
-
-def _norm(name: str) -> str:
-    return name.replace("_", " ").strip().lower()
 
 
 def _first_line(e: BaseException) -> str:

@@ -37,6 +37,7 @@ from sketchsweep.config import PROJECT_ROOT, DataSource, register_configs
 from sketchsweep.data import DataError, Dataset, load_folder, stratified_split, write_synthetic
 from sketchsweep.data.folder import class_labels, open_class_file, select_files
 from sketchsweep.data.stream import RowReader, StreamingSplit
+from sketchsweep.data.synthetic import cache_folder
 from sketchsweep.engine import Split, evaluate, random_affine, resolve_precision, to_input, train_one_epoch
 from sketchsweep.model import SketchCNN, count_parameters
 
@@ -70,8 +71,7 @@ def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
     data stays on disk and is streamed (``Dataset.images`` is then a ``RowReader``)."""
     if cfg.source == DataSource.synthetic:
         s = cfg.synthetic
-        root = Path(cfg.root) if cfg.root else PROJECT_ROOT / "data" / "synthetic"
-        folder = write_synthetic(root / f"{s.num_classes}classes-{s.per_class}each-seed{s.seed}", **s)
+        folder = write_synthetic(synthetic_folder(cfg), **s)
     else:
         if not cfg.root:
             raise DataError("data.root: not set; expected data.root=PATH, a folder with one <class>.npy per class")
@@ -87,6 +87,14 @@ def load_data(cfg: DictConfig, device: torch.device) -> Dataset:
     )
     reader = RowReader(list(files.values()), cfg.max_per_class)
     return Dataset(reader, class_labels(reader.counts), list(files))  # type: ignore[arg-type]
+
+
+def synthetic_folder(data_cfg) -> Path:
+    """The cache folder of ``data=synthetic`` (a config node or its dict): under ``data.root``,
+    else ``<project>/data/synthetic``."""
+    s = data_cfg.get("synthetic") or {}
+    root = data_cfg.get("root") or PROJECT_ROOT / "data" / "synthetic"
+    return cache_folder(root, s.get("num_classes"), s.get("per_class"), s.get("seed"))
 
 
 def memory_budget(max_memory_gb: float | None, device: torch.device) -> float:
@@ -348,7 +356,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
             link.mark_pruned()
         else:  # what a researcher looks at and ships: only for runs that finished
             source = data.images if isinstance(data.images, RowReader) else images
-            log_deliverables(cfg, run, model, source, data, val_idx, run_dir, precision)
+            log_deliverables(cfg, resolved, run, model, source, data, val_idx, run_dir, precision)
         log.info(
             "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",
             final["val_acc"],
@@ -373,7 +381,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     return float(best["value"])
 
 
-def log_deliverables(cfg, run, model, source, data: Dataset, val_idx: np.ndarray, run_dir: Path, precision) -> None:
+def log_deliverables(
+    cfg, resolved: dict, run, model, source, data: Dataset, val_idx: np.ndarray, run_dir: Path, precision
+) -> None:
     """The evaluation artifacts, the PyTorch model and the ONNX export of the kept (best-epoch)
     weights, each as configured under ``mlflow.*``. A failed ONNX parity check fails the run: the
     weights and checkpoint are already saved and logged by then, so nothing is lost."""
@@ -396,7 +406,6 @@ def log_deliverables(cfg, run, model, source, data: Dataset, val_idx: np.ndarray
         from sketchsweep.checkpoint import TrainedModel
         from sketchsweep.export import export_onnx
 
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         trained = TrainedModel(model, data.class_names, resolved, run.id, str(run_dir))  # type: ignore[arg-type]
         report = export_onnx(trained, run_dir / "model.onnx", real_images=example)
         log.info(

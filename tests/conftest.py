@@ -65,6 +65,31 @@ def tiny_overrides(data: Path, store: str, run_dir: Path, *extra: str) -> list[s
     ]
 
 
+def sweep_overrides(
+    data: Path, storage: str, uri: str, sweep_dir: Path, study: str, *extra: str, epochs: int = 4
+) -> list[str]:
+    """An Optuna multirun of tiny trials (width 4) on ``data``: the study in ``storage``, runs in ``uri``."""
+    return [
+        "-m",
+        "hydra/sweeper=optuna",
+        "data=quickdraw",
+        f"data.root={data}",
+        "model.width=4",
+        "model.hidden=16",
+        f"trainer.epochs={epochs}",
+        "trainer.batch_size=32",
+        f"mlflow.tracking_uri={uri}",
+        "mlflow.log_model=false",
+        "mlflow.log_onnx=false",
+        "mlflow.log_evaluation=false",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweeper.study_name={study}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweeper.seed=0",
+        *extra,
+    ]
+
+
 def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
     env["PYTHONUNBUFFERED"] = "1"

@@ -19,37 +19,27 @@ from optuna.trial import TrialState
 from sketchsweep.tracking import TrackingError, setup_experiment
 from sketchsweep.trial import StorageError, masked, open_storage
 from sketchsweep.workers import parse
-from tests.conftest import cli_env, free_port, tiny_overrides, train_cli
+from tests.conftest import cli_env, free_port, sweep_overrides, tiny_overrides, train_cli
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def sweep_args(tiny_data, tmp_path: Path, storage: str, uri: str, experiment: str, *extra: str) -> list[str]:
-    return [
-        "-m",
-        "hydra/sweeper=optuna",
-        "data=quickdraw",
-        f"data.root={tiny_data}",
-        "model.width=4",
-        "model.hidden=16",
-        "trainer.epochs=2",
-        "trainer.batch_size=32",
-        f"mlflow.tracking_uri={uri}",
+    return sweep_overrides(
+        tiny_data,
+        storage,
+        uri,
+        tmp_path / "sweep",
+        "shared",
         f"mlflow.experiment_name={experiment}",
-        "mlflow.log_model=false",
-        "mlflow.log_onnx=false",
-        "mlflow.log_evaluation=false",
-        f"hydra.sweeper.storage={storage}",
-        "hydra.sweeper.study_name=shared",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        "hydra.sweeper.seed=0",
         "hydra.sweeper.pruner=none",
         "hydra.sweeper.heartbeat_interval=1",
         "hydra.sweeper.grace_period=4",
         "optimizer.lr=tag(log,interval(1e-4,1e-2))",
         *extra,
-    ]
+        epochs=2,
+    )
 
 
 def experiment_runs(uri: str, experiment: str):

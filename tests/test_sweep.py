@@ -13,31 +13,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sketchsweep.trial import open_storage
-from tests.conftest import cli_env, train_cli
+from tests.conftest import cli_env, sweep_overrides, train_cli
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def sweep_args(tiny_data, tmp_path, *extra: str) -> list[str]:
-    return [
-        "-m",
-        "hydra/sweeper=optuna",
-        "data=quickdraw",
-        f"data.root={tiny_data}",
-        "model.width=4",
-        "model.hidden=16",
-        "trainer.epochs=4",
-        "trainer.batch_size=32",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
-        "mlflow.log_model=false",
-        "mlflow.log_onnx=false",
-        "mlflow.log_evaluation=false",
-        f"hydra.sweeper.storage={tmp_path / 'study.journal'}",
-        "hydra.sweeper.study_name=test",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        "hydra.sweeper.seed=0",
-        *extra,
-    ]
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    return sweep_overrides(tiny_data, str(tmp_path / "study.journal"), uri, tmp_path / "sweep", "test", *extra)
 
 
 def load(tmp_path) -> optuna.Study:

@@ -20,11 +20,13 @@ CATEGORIES: tuple[str, ...] = tuple(
 )
 
 
-def _key(name: str) -> str:
+def class_key(name: str) -> str:
+    """How class names are matched: "traffic_light" is "traffic light"."""
     return name.strip().replace("_", " ")
 
 
-def _hint(key: str, known: dict[str, str]) -> str:
+def suggest(key: str, known: dict[str, str]) -> str:
+    """A "did you mean ...?" for ``key`` among ``known`` (class_key -> name), or ""."""
     # Compare case-folded keys so "the eiffel tower" still suggests "The Eiffel Tower".
     folded = {k.casefold(): v for k, v in known.items()}
     close = difflib.get_close_matches(key.casefold(), folded, n=3, cutoff=0.6)
@@ -43,18 +45,18 @@ def check_classes(names: Iterable[str], available: Iterable[str] | None = None) 
     345 official categories. Raises one ``DataError`` listing every unknown name with close matches.
     """
     pool = list(available) if available is not None else list(CATEGORIES)
-    known = {_key(n): n for n in pool}
+    known = {class_key(n): n for n in pool}
     out: list[str] = []
     unknown: list[str] = []
     for name in names:
-        match = known.get(_key(name))
+        match = known.get(class_key(name))
         if match is None:
             unknown.append(name)
         elif match not in out:
             out.append(match)
     if unknown:
         where = "in the folder" if available is not None else "among the 345 Quick, Draw! categories"
-        hints = {name: _hint(_key(name), known) or f"no close match {where}" for name in unknown}
+        hints = {name: suggest(class_key(name), known) or f"no close match {where}" for name in unknown}
         if len(unknown) == 1:
             ((name, hint),) = hints.items()
             raise DataError(f"data.classes: unknown class {name!r}; {hint}")

@@ -148,6 +148,11 @@ def draw_class(name: str, n: int, seed: int) -> np.ndarray:
     return rasterize(drawings)
 
 
+def cache_folder(root: str | Path, num_classes: int, per_class: int, seed: int) -> Path:
+    """Where training caches a generated set under ``root`` (one folder per setting)."""
+    return Path(root) / f"{num_classes}classes-{per_class}each-seed{seed}"
+
+
 def write_synthetic(dst: str | Path, num_classes: int = 10, per_class: int = 1000, seed: int = 0) -> Path:
     """Write the first ``num_classes`` shapes as a numpy_bitmap folder at ``dst`` (if not there yet).
 
