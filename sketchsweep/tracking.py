@@ -313,12 +313,40 @@ class Run:
         import onnxruntime
 
         requirements = [f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
+        proto = onnx.load(str(path))
         self._upload(
             "the ONNX model",
             lambda: mlflow.onnx.log_model(
-                onnx.load(str(path)), name="onnx_model", input_example=example, pip_requirements=requirements
+                proto,
+                name="onnx_model",
+                input_example=example,
+                signature=onnx_signature(proto),
+                pip_requirements=requirements,
             ),
         )
+
+
+def onnx_signature(proto):
+    """The MLflow signature of an ONNX model, read from its graph: named tensors with their dtypes
+    and shapes (-1 for dynamic axes). Without it MLflow infers none for an ONNX model, and a model
+    server parses JSON pixels as int64, which the uint8 input refuses."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    def specs(values) -> Schema:
+        return Schema(
+            [
+                TensorSpec(
+                    tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
+                    tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim),
+                    v.name,
+                )
+                for v in values
+            ]
+        )
+
+    return ModelSignature(inputs=specs(proto.graph.input), outputs=specs(proto.graph.output))
 
 
 class SweepRun:

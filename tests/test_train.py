@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -171,6 +172,18 @@ def test_quickstart_logs_evaluation_and_a_parity_checked_onnx_model(quickstart):
     )
     names = {lm.name for lm in logged}
     assert names == {"model", "onnx_model"}
+    # A model server gets pixels as JSON numbers: the signature makes them uint8 again.
+    from mlflow.models import convert_input_example_to_serving_input, validate_serving_input
+
+    onnx_model = next(lm for lm in logged if lm.name == "onnx_model")
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    images[:, 10:18, 10:18] = 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # validate_serving_input is deprecated, not gone
+        served = validate_serving_input(onnx_model.model_uri, convert_input_example_to_serving_input(images))
+    classes = len(json.loads((run_dir / "classes.json").read_text()))
+    assert served["probabilities"].shape == (3, classes)
+    np.testing.assert_allclose(served["probabilities"], session.run(None, {"images": images})[1], atol=1e-6)
 
 
 def test_quickstart_prints_accuracy_folder_and_ui(quickstart):
