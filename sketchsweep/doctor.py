@@ -147,7 +147,7 @@ def check_compute(report: Report, devices: list[str]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from sketchsweep.engine import resolve_precision, to_input
+    from sketchsweep.engine import optimizer_options, prepare_model, resolve_precision, to_input
     from sketchsweep.model import SketchCNN
 
     report.section("Training step (SketchCNN width 64, forward + backward + Adam)")
@@ -158,10 +158,8 @@ def check_compute(report: Report, devices: list[str]) -> None:
         try:
             precision = resolve_precision("auto", device)
             torch.manual_seed(0)
-            model = SketchCNN(10).to(device)
-            if precision.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            model = prepare_model(SketchCNN(10), device, precision)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, **optimizer_options("torch.optim.Adam", device))
             x = torch.randint(0, 256, (batch, 784), dtype=torch.uint8, device=device)
             y = torch.randint(0, 10, (batch,), device=device)
 

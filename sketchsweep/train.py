@@ -38,7 +38,16 @@ from sketchsweep.data import DataError, Dataset, load_folder, stratified_split, 
 from sketchsweep.data.folder import class_labels, open_class_file, select_files
 from sketchsweep.data.stream import RowReader, StreamingSplit
 from sketchsweep.data.synthetic import cache_folder
-from sketchsweep.engine import Split, evaluate, random_affine, resolve_precision, to_input, train_one_epoch
+from sketchsweep.engine import (
+    Split,
+    evaluate,
+    optimizer_options,
+    prepare_model,
+    random_affine,
+    resolve_precision,
+    to_input,
+    train_one_epoch,
+)
 from sketchsweep.model import SketchCNN, count_parameters
 
 log = logging.getLogger("sketchsweep")
@@ -194,15 +203,11 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
 
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)  # data order; checkpointed with the run
-    model = SketchCNN(len(data.class_names), **cfg.model).to(device)
     precision = resolve_precision(t.precision.value, device)
-    fast = {}
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: let cuDNN pick its fastest kernels
-        model = model.to(memory_format=torch.channels_last)
-        if cfg.optimizer._target_ in ("torch.optim.Adam", "torch.optim.AdamW"):
-            fast["fused"] = True  # one kernel for the whole update instead of one per tensor
-    optimizer = instantiate(cfg.optimizer, params=model.parameters(), **fast)
+    model = prepare_model(SketchCNN(len(data.class_names), **cfg.model), device, precision)
+    optimizer = instantiate(
+        cfg.optimizer, params=model.parameters(), **optimizer_options(cfg.optimizer._target_, device)
+    )
     # Compiled or not, weights are saved from `model` (a compiled wrapper prefixes their names).
     net = torch.compile(model) if t.compile else model
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer)
