@@ -1,5 +1,8 @@
 """Shared fixtures: tiny datasets written in the real on-disk format, a throwaway MLflow
-store per test, and a runner for the real `python -m sketchsweep.train` command."""
+store per test, and a runner for the real `python -m sketchsweep.train` command.
+
+Hydra is imported only where a config is composed, so the core's tests (test_engine,
+test_cuda) run on a GPU box that has only torch, numpy and pytest (benchmarks/gpu.sh)."""
 
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
-from sketchsweep.config import PROJECT_ROOT, register_configs
 from sketchsweep.data.synthetic import write_synthetic
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 SHARED_QUICKDRAW = PROJECT_ROOT.parent / "shared" / "data" / "quickdraw"
 RUN_SLOW = os.environ.get("SKETCHSWEEP_SLOW_TESTS") == "1"
@@ -108,7 +112,16 @@ def train_cli(overrides: list[str], cwd: Path, timeout: float = 240) -> subproce
     )
 
 
+def rows_with_labels(x: np.ndarray, y: np.ndarray) -> list[bytes]:
+    """Images (uint8 rows) with their labels as a sorted list: equal for the same multiset of pairs."""
+    return sorted(bytes([int(label)]) + row.tobytes() for row, label in zip(x, y, strict=True))
+
+
 def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from sketchsweep.config import register_configs
+
     register_configs()
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)

@@ -1,10 +1,12 @@
+import sys
+
 import numpy as np
-import pytest
 import torch
 
 from sketchsweep.data import load_folder
 from sketchsweep.engine import Split, evaluate, random_affine, to_input, train_one_epoch
 from sketchsweep.model import SketchCNN
+from tests.conftest import PROJECT_ROOT
 
 
 def test_to_input_is_totensor_then_normalize():
@@ -107,10 +109,6 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_trains(tiny_data):
 
 def test_engine_matches_the_seed_loop_accuracy(tiny_data):
     """The seed's per-sample Dataset + DataLoader loop and the engine reach the same accuracy."""
-    import sys
-
-    from sketchsweep.config import PROJECT_ROOT
-
     sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
     from bench_train import SeedDataset, seed_epoch
 
@@ -130,18 +128,3 @@ def test_engine_matches_the_seed_loop_accuracy(tiny_data):
                 seed_epoch(model, loader, opt, torch.device("cpu"))
         accs.append(evaluate(model, split)["val_acc"])
     assert accs[0] > 0.6 and abs(accs[0] - accs[1]) < 0.1, accs
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_bf16_training_step(tiny_data):
-    from sketchsweep.engine import resolve_precision
-
-    dev = torch.device("cuda")
-    ds = load_folder(tiny_data)
-    split = Split(torch.from_numpy(ds.images).to(dev), torch.from_numpy(ds.labels).to(dev))
-    model = SketchCNN(len(ds.class_names), width=8).to(dev).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
-    stats = train_one_epoch(
-        model, split, opt, 64, torch.Generator().manual_seed(0), precision=resolve_precision("auto", dev)
-    )
-    assert stats["train_loss"] > 0

@@ -12,7 +12,7 @@ from sketchsweep.data.stream import RowReader, StreamingSplit
 from sketchsweep.engine import Split, evaluate
 from sketchsweep.model import SketchCNN
 from sketchsweep.train import train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, rows_with_labels
 
 
 @pytest.fixture
@@ -23,10 +23,6 @@ def streamed(tiny_data):
     train_idx, val_idx, _ = stratified_split(labels, list(files), 0.1, seed=0)
     yield load_folder(tiny_data), reader, labels, train_idx, val_idx
     reader.close()
-
-
-def rows_with_labels(x: np.ndarray, y: np.ndarray) -> list[bytes]:
-    return sorted(bytes([label]) + row.tobytes() for row, label in zip(x, y, strict=True))
 
 
 def test_reader_gives_the_same_rows_as_loading(streamed):
