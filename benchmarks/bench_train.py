@@ -2,6 +2,9 @@
 
     python benchmarks/bench_train.py                        # CPU: widths 16 and 64, 10 synthetic classes
     python benchmarks/bench_train.py --classes 345 --per-class 1000 --widths 64,128 --batch-size 1024  # GPU
+    python benchmarks/bench_train.py --accuracy             # seed loop vs engine: validation accuracy
+    python benchmarks/bench_train.py --recipe DIR           # the seed recipe end to end on a folder
+    bash benchmarks/gpu.sh                                  # all of the GPU half, with the CUDA tests
 
 (a) the seed: a per-sample ``Dataset`` (``__getitem__`` converts one row and normalizes it)
 behind ``DataLoader(batch_size=256, shuffle=True)``, fp32; (b) the engine with its defaults for
@@ -11,7 +14,10 @@ alone (batches delivered, no model), counts a training step's FLOPs with
 ``torch.utils.flop_counter`` and compares the achieved rate with the device's measured matmul
 peak (bf16 on CUDA, fp32 on a CPU). ``--compile`` adds the engine under torch.compile (what sets
 ``trainer.compile``'s default); ``--profile`` prints a torch.profiler table of the top kernels.
-Needs only torch and numpy. Prints a table and saves JSON to benchmarks/results/bench_train.json.
+``--accuracy`` checks the results contract (same validation accuracy as the seed's loop, within
+the seed-to-seed spread); ``--recipe`` times 20 epochs of the seed recipe from the first read of
+the folder to the last evaluation, through the core alone. Needs only torch and numpy. Prints a
+table and saves JSON to benchmarks/results/bench_train{,_accuracy,_recipe}.json (``--out-dir``).
 """
 
 from __future__ import annotations
@@ -29,8 +35,17 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from sketchsweep.data import load_folder, stratified_split  # noqa: E402
 from sketchsweep.data.synthetic import SHAPES, draw_class  # noqa: E402
-from sketchsweep.engine import Split, evaluate, resolve_precision, to_input, train_one_epoch  # noqa: E402
+from sketchsweep.engine import (  # noqa: E402
+    Split,
+    evaluate,
+    optimizer_options,
+    prepare_model,
+    resolve_precision,
+    to_input,
+    train_one_epoch,
+)
 from sketchsweep.model import SketchCNN  # noqa: E402
 
 
@@ -134,8 +149,30 @@ def profile_steps(model, split: Split, opt, batch: int, precision, device: torch
     return table
 
 
+def make_run(classes: int, width: int, loop: str, device: torch.device):
+    """Model, Adam (lr 1e-3, wd 1e-4) and precision for ``loop``: "seed" as the seed ran (fp32,
+    plain Adam, cuDNN's default kernel choice); otherwise the engine's defaults for ``device``,
+    set up by the same functions ``sketchsweep.train`` uses."""
+    if loop == "seed":
+        torch.backends.cudnn.benchmark = False  # an earlier engine run in this process turned it on
+        model = SketchCNN(classes, width=width).to(device)
+        return (
+            model,
+            torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4),
+            resolve_precision("fp32", device),
+        )
+    precision = resolve_precision("auto", device)
+    model = prepare_model(SketchCNN(classes, width=width), device, precision)
+    options = optimizer_options("torch.optim.Adam", device)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, **options), precision
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def bench(args) -> list[dict]:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     images, labels = make_data(args.classes, args.per_class)
     n = len(labels)
     auto = resolve_precision("auto", device)
@@ -148,14 +185,8 @@ def bench(args) -> list[dict]:
         for variant in variants:
             torch.manual_seed(0)
             warmup_s = None
-            model = SketchCNN(args.classes, width=width).to(device)
+            model, opt, precision = make_run(args.classes, width, variant, device)
             flops = train_flops_per_image(model, args.classes)
-            precision = resolve_precision("fp32" if variant == "seed" else "auto", device)
-            if variant == "engine" and device.type == "cuda":
-                torch.backends.cudnn.benchmark = True
-                model = model.to(memory_format=torch.channels_last)
-            fused = {"fused": True} if variant != "seed" and device.type == "cuda" else {}
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, **fused)
             net = torch.compile(model) if variant == "engine+compile" else model
             batch = 256 if variant == "seed" else args.batch_size
             steps = max(1, args.images // batch)
@@ -195,7 +226,7 @@ def bench(args) -> list[dict]:
                 input_s = time.perf_counter() - t0
                 if args.profile:
                     name = f"profile_{device.type}_w{width}_{variant}.txt"
-                    print(profile_steps(net, split, opt, batch, precision, device, ROOT / "benchmarks/results" / name))
+                    print(profile_steps(net, split, opt, batch, precision, device, Path(args.out_dir) / name))
             ev = Split(
                 torch.from_numpy(images[: args.eval_images]).to(device),
                 torch.from_numpy(labels[: args.eval_images]).to(device),
@@ -228,6 +259,155 @@ def bench(args) -> list[dict]:
     return results
 
 
+def accuracy_data(args) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A numpy_bitmap folder (``--data``), or the 10 synthetic shapes with distinct drawings
+    (not ``make_data``'s repeats, which would put copies of training images in the validation split)."""
+    if args.data:
+        ds = load_folder(args.data, max_per_class=args.accuracy_per_class)
+        return ds.images, ds.labels, ds.class_names
+    names = list(SHAPES)
+    images = np.concatenate([draw_class(name, args.accuracy_per_class, seed=0) for name in names])
+    return images, np.repeat(np.arange(len(names)), args.accuracy_per_class), names
+
+
+def accuracy_check(args) -> dict:
+    """The results contract: the seed's loop (fp32, per-sample Dataset + DataLoader) and the engine
+    (its defaults for the device: bf16, channels-last and fused Adam on CUDA) train the same model
+    from the same initial weights on the same 90/10 split with the seed recipe (Adam 1e-3, wd 1e-4,
+    StepLR(10, 0.5), batch 256) for ``--epochs``; each is scored on the validation split, for
+    several seeds. The engine matches when the gap between the two loops' mean accuracy is within
+    the spread that changing the seed alone gives."""
+    device = pick_device(args.device)
+    epochs = args.epochs or 4
+    images, labels, names = accuracy_data(args)
+    train_idx, val_idx, _ = stratified_split(labels, names, 0.1, seed=0)
+    on_device = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    train = Split(*on_device, torch.from_numpy(train_idx).to(device))
+    val = Split(*on_device, torch.from_numpy(val_idx).to(device))
+    seed_data = SeedDataset(images[train_idx], labels[train_idx])
+    print(
+        f"accuracy: {len(names)} classes, {len(train_idx)} train / {len(val_idx)} val, width {args.width}, "
+        f"{epochs} epochs, seeds 0..{args.seeds - 1}, {device}",
+        flush=True,
+    )
+    rows = []
+    for seed in range(args.seeds):
+        for loop in ("seed", "engine"):
+            torch.manual_seed(seed)  # the same initial weights for both loops
+            model, opt, precision = make_run(len(names), args.width, loop, device)
+            schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+            order = torch.Generator().manual_seed(seed)
+            loader = torch.utils.data.DataLoader(seed_data, batch_size=256, shuffle=True, generator=order)
+            t0 = time.perf_counter()
+            for _ in range(epochs):
+                if loop == "seed":
+                    seed_epoch(model, loader, opt, device)
+                else:
+                    train_one_epoch(model, train, opt, 256, order, precision=precision)
+                schedule.step()
+            sync(device)
+            seconds = time.perf_counter() - t0
+            metrics = evaluate(model, val, 1024, precision=precision)
+            row = {"loop": loop, "seed": seed, "precision": str(precision.dtype or torch.float32).replace("torch.", "")}
+            rows.append(
+                row | {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"], "train_seconds": seconds}
+            )
+            print(f"  seed {seed} {loop}: val_acc {metrics['val_acc']:.4f} ({seconds:.0f} s)", flush=True)
+    accs = {loop: [r["val_acc"] for r in rows if r["loop"] == loop] for loop in ("seed", "engine")}
+    gap = float(np.mean(accs["engine"]) - np.mean(accs["seed"]))
+    spread = max(max(a) - min(a) for a in accs.values())
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "data": args.data or f"synthetic 10 shapes x {args.accuracy_per_class}",
+        "classes": len(names),
+        "width": args.width,
+        "epochs": epochs,
+        "seed_mean_val_acc": float(np.mean(accs["seed"])),
+        "engine_mean_val_acc": float(np.mean(accs["engine"])),
+        "gap": gap,
+        "seed_to_seed_spread": spread,
+        "within_noise": abs(gap) <= spread,
+    }
+    print("\n| loop | precision | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | mean |")
+    print("|---|---|" + "---:|" * (args.seeds + 1))
+    for loop in ("seed", "engine"):
+        prec = next(r["precision"] for r in rows if r["loop"] == loop)
+        print(f"| {loop} | {prec} | " + " | ".join(f"{a:.4f}" for a in accs[loop]) + f" | {np.mean(accs[loop]):.4f} |")
+    verdict = "within" if summary["within_noise"] else "OUTSIDE"
+    print(f"engine - seed: {gap:+.4f}; seed-to-seed spread {spread:.4f}: {verdict} noise")
+    return {"summary": summary, "runs": rows}
+
+
+def recipe(args) -> dict:
+    """The seed recipe end to end through the core (no hydra, no mlflow): read the folder
+    ``--recipe``, split 90/10, move it to the device, train ``--epochs`` (20) epochs of SketchCNN
+    (``--width``) with Adam 1e-3 wd 1e-4, StepLR(10, 0.5), batch ``--batch-size`` (256) and the
+    engine's defaults, evaluating every epoch. Timed from the first read to the last evaluation."""
+    device = pick_device(args.device)
+    epochs = args.epochs or 20
+    t0 = time.perf_counter()
+    ds = load_folder(args.recipe)
+    train_idx, val_idx, _ = stratified_split(ds.labels, ds.class_names, 0.1, seed=0)
+    on_device = torch.from_numpy(ds.images).to(device), torch.from_numpy(ds.labels).to(device)
+    train = Split(*on_device, torch.from_numpy(train_idx).to(device))
+    val = Split(*on_device, torch.from_numpy(val_idx).to(device))
+    sync(device)
+    load_s = time.perf_counter() - t0
+    print(
+        f"recipe: {len(ds.class_names)} classes, {len(train_idx):,} train / {len(val_idx):,} val images, "
+        f"read and moved to {device} in {load_s:.1f} s",
+        flush=True,
+    )
+    torch.manual_seed(0)
+    model, opt, precision = make_run(len(ds.class_names), args.width, "engine", device)
+    net = torch.compile(model) if args.compile else model
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    order = torch.Generator().manual_seed(0)
+    history = []
+    for epoch in range(1, epochs + 1):
+        m = train_one_epoch(net, train, opt, args.batch_size, order, precision=precision)
+        m |= evaluate(net, val, 1024, precision=precision)
+        schedule.step()
+        history.append(m)
+        print(
+            f"  epoch {epoch}/{epochs}: val_acc {m['val_acc']:.4f}  {m['epoch_seconds']:.1f} s  "
+            f"{m['train_images_per_sec']:,.0f} img/s  (elapsed {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    total = time.perf_counter() - t0
+    best = max(history, key=lambda h: h["val_acc"])
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "data": str(args.recipe),
+        "classes": len(ds.class_names),
+        "train_images": len(train_idx),
+        "width": args.width,
+        "batch": args.batch_size,
+        "epochs": epochs,
+        "precision": str(precision.dtype or torch.float32).replace("torch.", ""),
+        "compile": args.compile,
+        "load_seconds": load_s,
+        "total_seconds": total,
+        "mean_train_images_per_sec": float(np.mean([h["train_images_per_sec"] for h in history])),
+        "final_val_acc": history[-1]["val_acc"],
+        "best_val_acc": best["val_acc"],
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    }
+    print(
+        f"recipe: {total / 60:.1f} min end to end ({total:.0f} s, of which {load_s:.0f} s reading data); "
+        f"val_acc final {summary['final_val_acc']:.4f}, best {summary['best_val_acc']:.4f}"
+    )
+    return {"summary": summary, "epochs": history}
+
+
+def save(name: str, args, payload: dict) -> None:
+    out = Path(args.out_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__}
+    out.write_text(json.dumps({"meta": meta | vars(args)} | payload, indent=2) + "\n")
+    print(f"saved {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -239,12 +419,27 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=2048)
     ap.add_argument("--compile", action="store_true", help="also time the engine under torch.compile")
     ap.add_argument("--profile", action="store_true", help="print and save a torch.profiler table per run")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="where JSON and profiles go")
     ap.add_argument(
         "--write-data", metavar="DIR", help="only write the data as a numpy_bitmap folder (end-to-end runs)"
     )
+    modes = ap.add_argument_group("other modes (instead of the throughput table)")
+    modes.add_argument("--accuracy", action="store_true", help="seed loop vs engine: validation accuracy")
+    modes.add_argument("--recipe", metavar="DIR", help="time the seed recipe end to end on a numpy_bitmap folder")
+    modes.add_argument("--data", metavar="DIR", help="--accuracy on this numpy_bitmap folder (default: synthetic)")
+    modes.add_argument("--accuracy-per-class", type=int, default=1000, help="--accuracy: drawings per class")
+    modes.add_argument("--seeds", type=int, default=3, help="--accuracy: seeds per loop")
+    modes.add_argument("--width", type=int, default=64, help="--accuracy/--recipe: model width")
+    modes.add_argument("--epochs", type=int, help="--accuracy (default 4) / --recipe (default 20)")
     args = ap.parse_args()
     if args.write_data:
         write_folder(Path(args.write_data), args.classes, args.per_class)
+        return
+    if args.accuracy:
+        save("bench_train_accuracy.json", args, accuracy_check(args))
+        return
+    if args.recipe:
+        save("bench_train_recipe.json", args, recipe(args))
         return
     results = bench(args)
     print(
@@ -265,11 +460,15 @@ def main() -> None:
             f"width {w}: engine/seed training {eng['train_images_per_sec'] / seed['train_images_per_sec']:.1f}x, "
             f"input path {eng['input_images_per_sec'] / seed['input_images_per_sec']:.1f}x"
         )
-    out = ROOT / "benchmarks" / "results" / "bench_train.json"
-    out.parent.mkdir(exist_ok=True)
-    meta = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__}
-    out.write_text(json.dumps({"meta": meta | vars(args), "results": results}, indent=2) + "\n")
-    print(f"saved {out}")
+        compiled = next((r for r in results if r["width"] == w and r["variant"] == "engine+compile"), None)
+        if compiled is not None:  # what trainer.compile's default for this device should follow
+            speedup = compiled["train_images_per_sec"] / eng["train_images_per_sec"]
+            print(
+                f"width {w}: torch.compile trains {speedup:.2f}x the engine, evaluates "
+                f"{compiled['eval_images_per_sec'] / eng['eval_images_per_sec']:.2f}x, after a "
+                f"{compiled['warmup_seconds']:.0f} s warm-up ({eng['warmup_seconds']:.1f} s without)"
+            )
+    save("bench_train.json", args, {"results": results})
 
 
 if __name__ == "__main__":
