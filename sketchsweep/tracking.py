@@ -313,6 +313,10 @@ class Run:
         import onnxruntime
 
         requirements = [f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
+        # MLflow's default lists CUDA first and warns wherever onnxruntime has no CUDA build (every
+        # CPU machine): record the providers this machine's onnxruntime has, CUDA when it does.
+        available = onnxruntime.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         proto = onnx.load(str(path))
         self._upload(
             "the ONNX model",
@@ -321,6 +325,7 @@ class Run:
                 name="onnx_model",
                 input_example=example,
                 signature=onnx_signature(proto),
+                onnx_execution_providers=providers,
                 pip_requirements=requirements,
             ),
         )

@@ -191,6 +191,7 @@ def test_quickstart_prints_accuracy_folder_and_ui(quickstart):
     out = proc.stdout + proc.stderr
     assert "val_acc" in out and f"run folder: {run_dir}" in out and "make ui" in out
     assert "\r" not in out  # not a terminal: plain lines, no progress bar
+    assert "WARNING" not in out  # e.g. MLflow failing to serve the logged model's input example
 
 
 def test_progress_bar_on_a_terminal(tiny_data, tmp_path, store):
