@@ -137,22 +137,54 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class Signals:
+    """SIGTERM (kill, SLURM preemption) and Ctrl-C end a run as a ``KeyboardInterrupt``, but only
+    where that is safe: at once during an epoch's compute (``interruptible()``), otherwise once the
+    write in progress is done (``check()``). An interrupt inside MLflow's SQLite writes would leave
+    the store locked, so the run could not even be marked KILLED. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.open, self.pending = False, None
+
+    def handle(self, signum, frame) -> None:
+        if self.open or self.pending is not None:
+            self.pending = None
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.pending = signum
+        log.warning("signal %d: stopping after the checkpoint and log writes in progress (again: stop now)", signum)
+
+    def check(self) -> None:
+        """Raise the ``KeyboardInterrupt`` a signal held back during writes."""
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self.check()
+        self.open = True
+        try:
+            yield
+        finally:
+            self.open = False
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (kill, SLURM preemption) like Ctrl-C, so both end the run the same way."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
+def held_signals() -> Iterator[Signals]:
+    """Route SIGTERM and SIGINT through a ``Signals`` for the duration (main thread only)."""
+    signals = Signals()
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {s: signal.signal(s, signals.handle) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        signals.open = True
+        yield signals
         return
     try:
-        yield
+        yield signals
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    signals.check()  # held through the last writes: it still stops whatever comes next
 
 
 def warn_config_changes(before: dict[str, Any], now: dict[str, Any]) -> None:
@@ -289,21 +321,25 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     )
 
     with (
+        held_signals() as signals,
         tracking.Run(uri, experiment_id, name, tracking.flatten(resolved), tags) as run,
-        sigterm_as_interrupt(),
     ):
         for epoch, metrics in enumerate(history, start=1):  # a resumed run carries the whole curve
             run.log_metrics(metrics, step=epoch)
         pruned_at = None
         for epoch in range(start_epoch + 1, t.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
-            with progress_bar(len(train_split), t.batch_size, f"epoch {epoch}/{t.epochs}") as on_step:
+            # A signal stops the compute at once; from here to the next epoch it waits for the writes.
+            with (
+                signals.interruptible(),
+                progress_bar(len(train_split), t.batch_size, f"epoch {epoch}/{t.epochs}") as on_step,
+            ):
                 metrics = train_one_epoch(
                     net, train_split, optimizer, t.batch_size, shuffle, on_step, augment, precision
                 )
-            if not math.isfinite(metrics["train_loss"]):
-                raise FloatingPointError(f"training loss is {metrics['train_loss']} at epoch {epoch} (lr {lr:g})")
-            metrics |= evaluate(net, val_split, t.eval_batch_size, precision=precision)
+                if not math.isfinite(metrics["train_loss"]):
+                    raise FloatingPointError(f"training loss is {metrics['train_loss']} at epoch {epoch} (lr {lr:g})")
+                metrics |= evaluate(net, val_split, t.eval_batch_size, precision=precision)
             metrics["lr"] = lr
             scheduler.step()
             history.append(metrics)

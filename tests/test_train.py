@@ -274,6 +274,50 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == list(range(1, 13))
 
 
+def test_signals_are_held_during_writes_and_immediate_during_compute():
+    from sketchsweep.train import held_signals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), held_signals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)  # outside compute: held
+        time.sleep(0.05)
+        assert signals.pending == signal.SIGTERM
+        with signals.interruptible():  # the next compute does not start
+            raise AssertionError("a held signal must stop before the next epoch's compute")
+    with pytest.raises(KeyboardInterrupt), held_signals() as signals, signals.interruptible():
+        os.kill(os.getpid(), signal.SIGINT)  # during compute: at once
+        time.sleep(5)
+    with pytest.raises(KeyboardInterrupt), held_signals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal does not wait
+        time.sleep(5)
+    with pytest.raises(KeyboardInterrupt), held_signals():  # held to the end: still stops what follows
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_sigterm_during_a_store_write_completes_it_then_stops(tiny_data, tmp_path, store, monkeypatch):
+    """A signal that lands inside MLflow's SQLite write used to leave the store locked: the run
+    could not be marked KILLED and the process hung for a minute. Now the write completes first."""
+    real = tracking.Run.log_metrics
+
+    def log_metrics(self, metrics, step):
+        if step == 2 and "val_acc" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the epoch's metrics are written
+        real(self, metrics, step)
+
+    monkeypatch.setattr(tracking.Run, "log_metrics", log_metrics)
+    cfg = compose_config([o for o in tiny_overrides(tiny_data, store, tmp_path) if not o.startswith("hydra.")])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run")
+    client, run = only_run(store)
+    assert run.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
 def test_exception_mid_run_marks_the_run_failed_with_traceback(tiny_data, tmp_path, store):
     proc = train_cli(
         tiny_overrides(tiny_data, store, tmp_path / "run", "optimizer=sgd", "optimizer.lr=1e30"), cwd=tmp_path
