@@ -167,6 +167,21 @@ def make_run(classes: int, width: int, loop: str, device: torch.device):
     return model, torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, **options), precision
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """A precision's dtype as the table prints it (None: fp32, as ``Precision`` means it)."""
+    return str(dtype or torch.float32).replace("torch.", "")
+
+
+def resident_splits(images: np.ndarray, labels: np.ndarray, train_idx, val_idx, device: torch.device):
+    """Train and validation ``Split``s over one copy of the data on ``device``, as training builds them."""
+    on_device = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    return tuple(Split(*on_device, torch.from_numpy(idx).to(device)) for idx in (train_idx, val_idx))
+
+
 def pick_device(name: str) -> torch.device:
     return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -238,11 +253,11 @@ def bench(args) -> list[dict]:
             sync(device)
             eval_s = time.perf_counter() - t0
             row = {
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "device": device_name(device),
                 "width": width,
                 "variant": variant,
                 "batch": batch,
-                "precision": str(precision.dtype or torch.float32).replace("torch.", ""),
+                "precision": dtype_name(precision.dtype),
                 "train_images_per_sec": seen / train_s,
                 "input_images_per_sec": (steps * batch) / input_s,
                 "input_share_of_step": input_s / train_s,
@@ -250,7 +265,7 @@ def bench(args) -> list[dict]:
                 "train_flops_per_image": flops,
                 "achieved_tflops": seen / train_s * flops / 1e12,
                 "peak_tflops": peak,
-                "peak_dtype": str(peak_dtype).replace("torch.", ""),
+                "peak_dtype": dtype_name(peak_dtype),
                 "warmup_seconds": warmup_s,
                 "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
             }
@@ -281,9 +296,7 @@ def accuracy_check(args) -> dict:
     epochs = args.epochs or 4
     images, labels, names = accuracy_data(args)
     train_idx, val_idx, _ = stratified_split(labels, names, 0.1, seed=0)
-    on_device = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-    train = Split(*on_device, torch.from_numpy(train_idx).to(device))
-    val = Split(*on_device, torch.from_numpy(val_idx).to(device))
+    train, val = resident_splits(images, labels, train_idx, val_idx, device)
     seed_data = SeedDataset(images[train_idx], labels[train_idx])
     print(
         f"accuracy: {len(names)} classes, {len(train_idx)} train / {len(val_idx)} val, width {args.width}, "
@@ -308,7 +321,7 @@ def accuracy_check(args) -> dict:
             sync(device)
             seconds = time.perf_counter() - t0
             metrics = evaluate(model, val, 1024, precision=precision)
-            row = {"loop": loop, "seed": seed, "precision": str(precision.dtype or torch.float32).replace("torch.", "")}
+            row = {"loop": loop, "seed": seed, "precision": dtype_name(precision.dtype)}
             rows.append(
                 row | {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"], "train_seconds": seconds}
             )
@@ -317,7 +330,7 @@ def accuracy_check(args) -> dict:
     gap = float(np.mean(accs["engine"]) - np.mean(accs["seed"]))
     spread = max(max(a) - min(a) for a in accs.values())
     summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "data": args.data or f"synthetic 10 shapes x {args.accuracy_per_class}",
         "classes": len(names),
         "width": args.width,
@@ -348,9 +361,7 @@ def recipe(args) -> dict:
     t0 = time.perf_counter()
     ds = load_folder(args.recipe)
     train_idx, val_idx, _ = stratified_split(ds.labels, ds.class_names, 0.1, seed=0)
-    on_device = torch.from_numpy(ds.images).to(device), torch.from_numpy(ds.labels).to(device)
-    train = Split(*on_device, torch.from_numpy(train_idx).to(device))
-    val = Split(*on_device, torch.from_numpy(val_idx).to(device))
+    train, val = resident_splits(ds.images, ds.labels, train_idx, val_idx, device)
     sync(device)
     load_s = time.perf_counter() - t0
     print(
@@ -377,14 +388,14 @@ def recipe(args) -> dict:
     total = time.perf_counter() - t0
     best = max(history, key=lambda h: h["val_acc"])
     summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "data": str(args.recipe),
         "classes": len(ds.class_names),
         "train_images": len(train_idx),
         "width": args.width,
         "batch": args.batch_size,
         "epochs": epochs,
-        "precision": str(precision.dtype or torch.float32).replace("torch.", ""),
+        "precision": dtype_name(precision.dtype),
         "compile": args.compile,
         "load_seconds": load_s,
         "total_seconds": total,
