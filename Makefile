@@ -19,7 +19,9 @@ STAMP := $(VENV)/.sketchsweep-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# sketchsweep/__init__.py: an editable install made while sketchsweep was a namespace package
+# must be redone to see it.
+$(STAMP): pyproject.toml sketchsweep/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install "$(TORCH)"
 	$(BIN)/python -m pip install -e ".[dev]"

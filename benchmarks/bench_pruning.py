@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from sketchsweep.trial import open_storage  # noqa: E402
+from sketchsweep.sweep.storage import open_storage  # noqa: E402
 
 
 def run_sweep(tmp: Path, pruner: str, args) -> dict:

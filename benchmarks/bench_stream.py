@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sketchsweep.data.folder import class_labels, select_files, stratified_split
-from sketchsweep.data.stream import RowReader, StreamingSplit
+from sketchsweep.data.stream import RowReader
+from sketchsweep.data.views import StreamingSplit
 from sketchsweep.engine import to_input
 
 

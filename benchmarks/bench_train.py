@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from sketchsweep.data import load_folder, stratified_split  # noqa: E402
 from sketchsweep.data.synthetic import SHAPES, draw_class  # noqa: E402
+from sketchsweep.data.views import Split  # noqa: E402
 from sketchsweep.engine import (  # noqa: E402
-    Split,
     evaluate,
     optimizer_options,
     prepare_model,
@@ -172,7 +172,7 @@ def device_name(device: torch.device) -> str:
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
-    """A precision's dtype as the table prints it (None: fp32, as ``Precision`` means it)."""
+    """A precision's dtype as the table prints it (None: fp32, as ``MixedPrecision`` means it)."""
     return str(dtype or torch.float32).replace("torch.", "")
 
 

@@ -1,37 +1,131 @@
-"""Find a trained model from what a user has at hand: a run folder, a checkpoint, or an MLflow run.
+"""The checkpoint format, and a trained model loaded from any model reference.
 
-    load_trained("outputs/2026-11-24/10-00-00")         # a training run's folder
-    load_trained("outputs/.../checkpoint.pt")           # the resumable checkpoint
-    load_trained("outputs/.../best_model_weights.pth")  # weights, with config.yaml + classes.json beside them
-    load_trained("runs:/<run_id>")                       # the artifacts of an MLflow run
-
-The best epoch's weights are used unless a ``*.pth`` file is named explicitly: they are what a
-run keeps, logs and reports as its objective. Imports torch only; mlflow only for ``runs:/``.
+``Checkpoint`` is ``checkpoint.pt``: one dict on disk (``torch.load(path, weights_only=True)``
+reads it) whose keys are its fields. Training writes it every epoch and reads it to resume;
+``load_trained`` reads it (or a run's weights, or an MLflow run's) for evaluate, export and predict.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import yaml  # PyYAML comes with omegaconf and mlflow
 
+from sketchsweep import store
+from sketchsweep.cli import one_line
+from sketchsweep.data.views import Rows
+from sketchsweep.engine import infer
 from sketchsweep.model import SketchCNN
+from sketchsweep.modelref import BEST_WEIGHTS, CHECKPOINT, CLASSES, CONFIG, ModelRef, ModelRefError
+from sketchsweep.tracking import flatten
 
-# File names a training run writes (sketchsweep.train uses the same names).
-CHECKPOINT = "checkpoint.pt"
-FINAL_WEIGHTS = "model_weights.pth"
-BEST_WEIGHTS = "best_model_weights.pth"
-CONFIG = "config.yaml"
-CLASSES = "classes.json"
-MODEL_KEYS = ("width", "hidden", "dropout", "negative_slope")
+MODEL_KEYS = ("width", "hidden", "dropout", "negative_slope")  # the model config's SketchCNN arguments
 
 
-class ModelRefError(ValueError):
-    """A model reference that does not lead to a usable trained model."""
+class CheckpointError(ModelRefError):
+    """A checkpoint or weights file that cannot be used; the message names the file."""
+
+
+def read_torch_file(path: Path) -> Any:
+    """``torch.load`` of a file sketchsweep wrote: tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch file ({one_line(e)})") from None
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """Write to a temporary name, then rename: a kill mid-write never corrupts the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to continue exactly where it stopped."""
+
+    model: dict[str, torch.Tensor]  # the weights at the end of ``epoch``
+    epoch: int  # the last completed epoch
+    class_names: list[str]  # in label order
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None  # fp16's gradient scaler: a resumed run keeps its loss scale
+    rng: dict[str, Any] = field(default_factory=dict)  # torch, shuffle (the data order) and cuda generator states
+    history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
+    best: dict[str, Any] = field(default_factory=dict)  # epoch, value (of trainer.objective), model (its weights)
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config it was trained with
+    mlflow_run_id: str | None = None
+
+    REQUIRED = ("model", "epoch", "class_names")
+
+    def save(self, path: Path) -> None:
+        save_atomic({f.name: getattr(self, f.name) for f in fields(self)}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise CheckpointError(f"{p}: does not exist; expected a {CHECKPOINT} from an earlier run")
+        raw = read_torch_file(p)
+        missing = [k for k in cls.REQUIRED if not isinstance(raw, dict) or k not in raw]
+        if missing:
+            raise CheckpointError(f"{p}: not a sketchsweep {CHECKPOINT} (no {'/'.join(missing)} entries)")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def capture(cls, model, optimizer, scheduler, scaler, shuffle: torch.Generator, device, **state) -> Checkpoint:
+        """The training pieces' state now (``state``: epoch, class_names, history, best, config,
+        mlflow_run_id), with every generator a run draws from, so a resumed run continues exactly."""
+        rng = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        return cls(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            rng=rng,
+            **state,
+        )
+
+    def restore(self, model, optimizer, scheduler, scaler, shuffle: torch.Generator, device) -> None:
+        """Put the training pieces back where ``capture`` found them: on a CPU the resumed run ends
+        with exactly the weights an uninterrupted run would have."""
+        try:
+            model.load_state_dict(self.model)
+        except RuntimeError as e:
+            raise CheckpointError(f"the checkpoint does not fit this model config: {e}") from None
+        optimizer.load_state_dict(self.optimizer)
+        scheduler.load_state_dict(self.scheduler)
+        torch.set_rng_state(self.rng["torch"])
+        shuffle.set_state(self.rng["shuffle"])
+        if device.type == "cuda" and self.rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(self.rng["cuda"], device)
+        if scaler is not None and self.scaler:
+            scaler.load_state_dict(self.scaler)  # fp16: keep the loss scale it had found
+
+    def changed_settings(self, now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """``(key, now, then)`` for each setting of config ``now`` that differs from the one this
+        checkpoint was trained with (epochs, resume and MLflow settings aside)."""
+        ignore = ("trainer.resume", "trainer.epochs", "mlflow.")
+        a, b = flatten(self.config), flatten(now)
+        changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(ignore))
+        return [(k, b.get(k), a.get(k)) for k in changed]
+
+    @property
+    def best_weights(self) -> dict[str, torch.Tensor]:
+        """The best epoch's weights: what a run keeps and reports (the last epoch's when unknown)."""
+        best = self.best.get("model")
+        return best if best is not None else self.model
 
 
 @dataclass
@@ -48,105 +142,79 @@ class TrainedModel:
     def width(self) -> int:
         return self.model.features[0][0].out_channels
 
-
-def load_trained(ref: str | Path) -> TrainedModel:
-    """Load the model ``ref`` points at; every problem is one ``ModelRefError`` naming ``ref``."""
-    text = str(ref)
-    if text.startswith("runs:/"):
-        return _from_mlflow(text)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        # The checkpoint holds the best weights, classes, config and run id: one read for all.
-        if (path / CHECKPOINT).is_file():
-            return _from_checkpoint(path / CHECKPOINT, text)
-        if (path / BEST_WEIGHTS).is_file():
-            return _from_weights(path / BEST_WEIGHTS, text)
-        raise ModelRefError(f"{path}: not a training run folder (no {BEST_WEIGHTS} or {CHECKPOINT} in it)")
-    if not path.is_file():
-        raise ModelRefError(f"{path}: no such file or folder; expected a run folder, a checkpoint or runs:/<run_id>")
-    if path.suffix == ".pth":
-        return _from_weights(path, text)
-    return _from_checkpoint(path, text)
+    def probabilities(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Softmax probabilities ``(N, classes)`` for uint8 drawings ``(N, 784)``/``(N, 28, 28)``."""
+        rows = Rows(np.ascontiguousarray(images).reshape(-1, 784))
+        return np.concatenate(
+            [logits.softmax(dim=1).numpy() for logits, _ in infer(self.model, rows.batches(batch_size))]
+        )
 
 
-def _read(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ModelRefError(f"{path}: cannot be read as a PyTorch file ({type(e).__name__}: {first})") from None
-
-
-def _build(state: dict[str, Any], class_names: list[str], config: dict[str, Any], source: str) -> SketchCNN:
+def build_model(state: dict[str, Any], class_names: list[str], config: dict[str, Any], source: str) -> SketchCNN:
+    """SketchCNN as the run's model config describes it, with ``state`` loaded, in eval mode."""
     kwargs = {k: v for k, v in (config.get("model") or {}).items() if k in MODEL_KEYS}
     try:
         model = SketchCNN(len(class_names), **kwargs)
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise ModelRefError(f"{source}: the weights do not fit SketchCNN({kwargs}): {e}") from None
+        raise CheckpointError(f"{source}: the weights do not fit SketchCNN({kwargs}): {e}") from None
     return model.eval()
 
 
+def load_trained(ref: str | Path | ModelRef) -> TrainedModel:
+    """Load the model ``ref`` points at (its best epoch unless a ``*.pth`` is named); every problem
+    is a ``ModelRefError`` (or ``CheckpointError``) naming it."""
+    ref = ModelRef.parse(ref)
+    if ref.kind == "onnx":
+        raise ModelRefError(
+            f"{ref.path}: an ONNX export has no PyTorch weights; give the run folder, checkpoint or runs:/ it came from"
+        )
+    if ref.remote:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_id = store.fetch_run_files(ref, (CONFIG, CLASSES, BEST_WEIGHTS), Path(tmp))
+            trained = _from_weights(Path(tmp) / BEST_WEIGHTS, ref.text)
+        trained.run_id = run_id
+        return trained
+    assert ref.path is not None
+    if ref.kind == "folder":
+        # The checkpoint holds the best weights, classes, config and run id: one read for all.
+        if (ref.path / CHECKPOINT).is_file():
+            return _from_checkpoint(ref.path / CHECKPOINT, ref.text)
+        return _from_weights(ref.path / BEST_WEIGHTS, ref.text)
+    if ref.kind == "weights":
+        return _from_weights(ref.path, ref.text)
+    return _from_checkpoint(ref.path, ref.text)
+
+
 def _from_checkpoint(path: Path, source: str) -> TrainedModel:
-    ckpt = _read(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "class_names" not in ckpt:
-        raise ModelRefError(f"{path}: not a sketchsweep {CHECKPOINT} (no model/class_names entries)")
-    best = (ckpt.get("best") or {}).get("model")
-    config = ckpt.get("config") or {}
-    model = _build(best if best is not None else ckpt["model"], ckpt["class_names"], config, source)
-    return TrainedModel(model, list(ckpt["class_names"]), config, ckpt.get("mlflow_run_id"), source)
+    ckpt = Checkpoint.load(path)
+    model = build_model(ckpt.best_weights, ckpt.class_names, ckpt.config, source)
+    return TrainedModel(model, list(ckpt.class_names), ckpt.config, ckpt.mlflow_run_id, source)
 
 
 def _from_weights(path: Path, source: str) -> TrainedModel:
     folder = path.parent
     missing = [n for n in (CONFIG, CLASSES) if not (folder / n).is_file()]
     if missing:
-        raise ModelRefError(f"{path}: {' and '.join(missing)} expected beside the weights (as a run folder has them)")
-    import yaml  # PyYAML comes with omegaconf and mlflow
-
+        raise CheckpointError(f"{path}: {' and '.join(missing)} expected beside the weights (as a run folder has them)")
     try:
         config = yaml.safe_load((folder / CONFIG).read_text()) or {}
         class_names = json.loads((folder / CLASSES).read_text())
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise ModelRefError(f"{folder}: cannot read {CONFIG}/{CLASSES}: {e}") from None
+        raise CheckpointError(f"{folder}: cannot read {CONFIG}/{CLASSES}: {e}") from None
     if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
-        raise ModelRefError(f"{folder / CLASSES}: expected a JSON list of class names")
-    state = _read(path)
+        raise CheckpointError(f"{folder / CLASSES}: expected a JSON list of class names")
+    state = read_torch_file(path)
     if not isinstance(state, dict):
-        raise ModelRefError(f"{path}: expected a state_dict")
-    run_id = _run_id_beside(folder)
-    return TrainedModel(_build(state, class_names, config, source), class_names, config, run_id, source)
+        raise CheckpointError(f"{path}: expected a state_dict")
+    return TrainedModel(
+        build_model(state, class_names, config, source), class_names, config, _run_id_beside(folder), source
+    )
 
 
 def _run_id_beside(folder: Path) -> str | None:
-    ckpt = folder / CHECKPOINT
-    if ckpt.is_file():
-        try:
-            return torch.load(ckpt, map_location="cpu", weights_only=True).get("mlflow_run_id")
-        except Exception:
-            return None
-    return None
-
-
-def _from_mlflow(ref: str) -> TrainedModel:
-    """Download the run's config, classes and best weights (from the configured tracking URI)."""
-    import mlflow
-
-    from sketchsweep.tracking import tracking_uri
-
-    run_id = ref[len("runs:/") :].strip("/").split("/")[0]
-    if not run_id:
-        raise ModelRefError(f"{ref}: expected runs:/<run_id>")
-    mlflow.set_tracking_uri(tracking_uri(None))
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            for name in (CONFIG, CLASSES, BEST_WEIGHTS):
-                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp)
-        except Exception as e:
-            raise ModelRefError(
-                f"{ref}: cannot download {name} from the MLflow store at {mlflow.get_tracking_uri()} "
-                f"(set MLFLOW_TRACKING_URI to the store the run is in): {type(e).__name__}: {e}"
-            ) from None
-        trained = _from_weights(Path(tmp) / BEST_WEIGHTS, ref)
-    trained.run_id = run_id
-    return trained
+    """The MLflow run id of weights in a run folder, from the checkpoint beside them."""
+    try:
+        return Checkpoint.load(folder / CHECKPOINT).mlflow_run_id
+    except CheckpointError:
+        return None

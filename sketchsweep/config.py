@@ -1,6 +1,7 @@
-"""Typed config schemas, registered in Hydra's ConfigStore.
+"""Typed config schemas, registered in Hydra's ConfigStore, and the one way to read a saved config.
 
-The YAML files under ``conf/`` fill these in. Because every group option is merged onto a
+Every default is stated here, once; the YAML files under ``conf/`` pick a schema and keep only
+the values where an option differs from it. Because every group option is merged onto a
 dataclass, a misspelled key (``model.widht=128``) or a wrong type (``model.width=abc``) fails
 when Hydra composes the config, before any data is read or any run is created.
 """
@@ -9,15 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-# The repo root holds conf/, mlruns/ and outputs/; stores resolve from here, not from the
-# current folder, so jobs started anywhere (multirun, SLURM) share one MLflow store.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from sketchsweep import PROJECT_ROOT
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot be used (e.g. a bad trainer.resume path)."""
 
 
 class DataSource(str, Enum):
@@ -49,6 +51,11 @@ class Objective(str, Enum):
     val_loss = "val_loss"
 
 
+VAL_METRICS = ("val_loss", "val_acc", "val_top3")
+# What a sweep may optimize (hydra.sweeper.objective): best-epoch values, last-epoch values, the model's size.
+SWEEP_OBJECTIVES = (*VAL_METRICS, *(f"final_{k}" for k in VAL_METRICS), "best_epoch", "num_parameters")
+
+
 @dataclass
 class SyntheticConfig:
     num_classes: int = 10
@@ -69,11 +76,11 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     source: DataSource = DataSource.synthetic
-    # Folder of <class>.npy files. For synthetic data: where generated sets are cached
-    # (null: <project>/data/synthetic).
+    # Folder of <class>.npy (or full_numpy_bitmap_<class>.npy) files, uint8 (N, 784). For
+    # synthetic data: where generated sets are cached (null: <project>/data/synthetic).
     root: str | None = None
-    classes: list[str] | None = None  # a subset of class names; null: all
-    max_per_class: int | None = None  # keep the first N rows of each class
+    classes: list[str] | None = None  # a subset of class names, e.g. [cat,dog,apple]; null: every file
+    max_per_class: int | None = None  # e.g. 10000: keep the first N drawings of each class
     # Data up to this size is loaded whole (onto the GPU when training there); larger data is
     # streamed from disk. null: half the RAM (and at most half the GPU's memory).
     max_memory_gb: float | None = None
@@ -89,7 +96,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    width: int = 64
+    width: int = 64  # channels width, 2*width, 4*width
     hidden: int = 256
     dropout: float = 0.3
     negative_slope: float = 0.1
@@ -128,7 +135,7 @@ class StepLRConfig:
 @dataclass
 class CosineConfig:
     _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
-    T_max: int = MISSING
+    T_max: int = II("trainer.epochs")  # decay over the whole run
     eta_min: float = 0.0
 
 
@@ -212,3 +219,9 @@ def register_configs() -> None:
         cs.store(group=f"schema/{group}", name=name, node=node)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+def saved_data_config(saved: dict[str, Any] | None) -> DictConfig:
+    """The data config of a run's saved config (``config.yaml``, a checkpoint's ``config``), typed
+    as it was at training time: read with the same attributes and enums as a composed one."""
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), (saved or {}).get("data") or {})

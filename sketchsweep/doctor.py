@@ -9,22 +9,26 @@ Takes the same overrides as training for what it checks (``mlflow.tracking_uri``
 ``mlflow.artifact_root``, ``mlflow.experiment_name``, ``hydra.sweeper.storage``,
 ``trainer.device``); other ``key=value`` arguments are ignored, so a training command's
 overrides can be pasted as they are. Exit code 1 when a check fails, 0 otherwise.
+
+Torch, MLflow and Optuna are imported by the check that needs them, so a broken or missing
+package is reported as a failed check, not a crash.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import argparse
 import os
 import platform
-import re
 import shutil
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
+
+from sketchsweep import PROJECT_ROOT, cli
 
 DOCTOR_EXPERIMENT = "sketchsweep-doctor"
 KEYS = (
@@ -46,10 +50,10 @@ class Report:
         self.passed = 0
 
     def section(self, title: str) -> None:
-        print(f"\n{redact(title)}", flush=True)
+        print(f"\n{cli.redact(title)}", flush=True)
 
     def line(self, kind: str, text: str) -> None:
-        text = redact(text)
+        text = cli.redact(text)
         print(f"  {self.marks[kind]} {text}", flush=True)
         if kind == "fail":
             self.failures.append(text)
@@ -64,18 +68,6 @@ class Report:
 
     def info(self, text: str) -> None:
         self.line("info", text)
-
-
-def redact(text: str) -> str:
-    """Hide passwords in URLs (``postgresql://user:secret@host`` -> ``user:***@host``)."""
-    return re.sub(r"(://[^:/@\s]+):[^@/\s]+@", r"\1:***@", text)
-
-
-def _error(e: BaseException, limit: int = 300) -> str:
-    """An exception as one short line: database drivers put pages of SQL and links in theirs."""
-    text = " ".join((str(e).strip().splitlines() or [""])[0].split())
-    text = text if len(text) <= limit else text[: limit - 1] + "…"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # -- environment and devices -----------------------------------------------------------------
@@ -106,6 +98,8 @@ def check_cuda(report: Report, device_choice: str) -> list[str]:
     """GPUs with their properties; returns the devices to run the training step on."""
     import torch
 
+    from sketchsweep.engine import native_bf16
+
     report.section("CUDA")
     if not torch.cuda.is_available():
         driver = Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
@@ -127,7 +121,7 @@ def check_cuda(report: Report, device_choice: str) -> list[str]:
     devices = ["cpu"]
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        bf16 = (p.major, p.minor) >= (8, 0)
+        bf16 = native_bf16(torch.device(f"cuda:{i}"))
         report.info(
             f"cuda:{i} {p.name}: compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
             f"{p.multi_processor_count} SMs, bf16 {'yes' if bf16 else 'no (trainer.precision=auto uses fp32)'}"
@@ -187,17 +181,10 @@ def check_compute(report: Report, devices: list[str]) -> None:
             dtype = "bf16 autocast" if precision.dtype is torch.bfloat16 else "fp32"
             report.ok(f"{name}: {ms:.1f} ms/step at batch {batch} ({dtype}, {batch * 1000 / ms:,.0f} images/s)")
         except Exception as e:
-            report.fail(f"{name}: {_error(e)}")
+            report.fail(f"{name}: {cli.one_line(e)}")
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-
-
-def _not_a_file(folder: Path) -> None:
-    """mkdir's "File exists" / "Not a directory" do not say which path is the file."""
-    for p in (folder, *folder.parents):
-        if p.exists() and not p.is_dir():
-            raise NotADirectoryError(f"{p} is a file, not a folder: cannot hold {folder}")
 
 
 # -- MLflow ----------------------------------------------------------------------------------
@@ -215,11 +202,12 @@ def check_mlflow(report: Report, configured: str | None, artifact_root: str | No
     )
     report.section(f"MLflow tracking store: {uri}  (from {origin})")
     try:
-        with _quick_http():
-            where = _mlflow_roundtrip(uri, artifact_root)
+        from sketchsweep.store import check_store
+
+        where = check_store(uri, artifact_root)
         report.ok(f"reachable and writable: a throwaway run with a metric and an artifact ({where}), then removed")
     except Exception as e:
-        report.fail(f"{uri}: {_error(e)}")
+        report.fail(f"{uri}: {cli.one_line(e)}")
         return
     try:
         from mlflow.tracking import MlflowClient
@@ -235,102 +223,7 @@ def check_mlflow(report: Report, configured: str | None, artifact_root: str | No
         else:
             report.ok(f"experiment {experiment!r} (id {exp.experiment_id}): artifacts at {exp.artifact_location}")
     except Exception as e:
-        report.fail(f"{uri}: cannot read experiment {experiment!r}: {_error(e)}")
-
-
-@contextlib.contextmanager
-def _quick_http() -> Iterator[None]:
-    """A tracking server that is down fails the check in seconds, not after MLflow's minutes of
-    retries; the user's own settings win, and the environment is restored afterwards."""
-    saved = dict(os.environ)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    try:
-        yield
-    finally:
-        for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-            if key not in saved:
-                os.environ.pop(key, None)
-
-
-def _mlflow_roundtrip(uri: str, artifact_root: str | None) -> str:
-    """Returns where the artifact went. Uses MlflowClient only: no global MLflow state is changed."""
-    from mlflow.tracking import MlflowClient
-
-    from sketchsweep.tracking import _local_store_dir
-
-    store_dir = _local_store_dir(uri)
-    if uri.startswith(("http://", "https://")):
-        from sketchsweep import tracking
-
-        # /health answers in milliseconds; MLflow's API calls to a dead server time out slowly.
-        problem = tracking.server_problem(uri) if hasattr(tracking, "server_problem") else None
-        if problem:
-            raise ConnectionError(f"the tracking server does not answer ({problem})")
-    if store_dir is not None:
-        _not_a_file(store_dir)
-        try:
-            store_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"cannot create the store's folder {store_dir}: {e.strerror or e}") from None
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(DOCTOR_EXPERIMENT)
-    if exp is None:
-        root = Path(artifact_root) if artifact_root else store_dir
-        location = (root.resolve() / DOCTOR_EXPERIMENT).as_uri() if root is not None else None
-        exp_id = client.create_experiment(DOCTOR_EXPERIMENT, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
-        if exp.lifecycle_stage == "deleted":  # left by an earlier check on a store without hard deletes
-            client.restore_experiment(exp_id)
-    run = client.create_run(exp_id, run_name="doctor", tags={"sketchsweep.role": "doctor"})
-    run_id = run.info.run_id
-    try:
-        client.log_metric(run_id, "doctor", 1.0)
-        client.log_text(run_id, "written by python -m sketchsweep.doctor\n", "doctor.txt")
-        if client.get_run(run_id).data.metrics.get("doctor") != 1.0:
-            raise RuntimeError("the metric written could not be read back")
-        if [a.path for a in client.list_artifacts(run_id)] != ["doctor.txt"]:
-            raise RuntimeError(f"the artifact written could not be listed back from {run.info.artifact_uri}")
-        with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a "View run" link for servers
-            client.set_terminated(run_id, "FINISHED")
-    finally:
-        _remove_run(client, uri, run_id, run.info.artifact_uri, exp_id)
-    return run.info.artifact_uri.rsplit("/", 2)[0]
-
-
-def _remove_run(client, uri: str, run_id: str, artifact_uri: str, exp_id: str) -> None:
-    """Delete the throwaway run for good where the store allows it (what `mlflow gc` does), and the
-    doctor's experiment once empty; on a server the run stays soft-deleted, out of sight."""
-    from mlflow.entities import ViewType
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    with contextlib.suppress(Exception):  # nothing was written, or the artifact store is the problem (reported)
-        get_artifact_repository(artifact_uri, tracking_uri=uri).delete_artifacts()
-    client.delete_run(run_id)
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)  # private, as `mlflow gc` uses it
-    hard = hasattr(store, "_hard_delete_run") and hasattr(store, "_hard_delete_experiment")
-    if hard:
-        store._hard_delete_run(run_id)
-    local = Path(artifact_uri[len("file://") :]) if artifact_uri.startswith("file://") else None
-    if local is not None:  # <experiment folder>/<run id>/artifacts: remove the empty folders left
-        for folder in (local, local.parent, local.parent.parent):
-            try:
-                folder.rmdir()
-            except FileNotFoundError:
-                continue
-            except OSError:  # not empty: someone else's files
-                break
-    if not hard:
-        # A server keeps deleted runs, and restoring an experiment would bring its runs back: the
-        # doctor's experiment stays (empty to the eye); leftovers of an interrupted check go too.
-        for old in client.search_runs([exp_id], filter_string="tags.`sketchsweep.role` = 'doctor'"):
-            client.delete_run(old.info.run_id)
-        return
-    if client.search_runs([exp_id], run_view_type=ViewType.ALL, max_results=1):
-        return  # someone keeps runs in it: leave it
-    client.delete_experiment(exp_id)
-    store._hard_delete_experiment(exp_id)
+        report.fail(f"{uri}: cannot read experiment {experiment!r}: {cli.one_line(e)}")
 
 
 # -- Optuna ----------------------------------------------------------------------------------
@@ -338,9 +231,7 @@ def _remove_run(client, uri: str, run_id: str, artifact_uri: str, exp_id: str) -
 
 def check_optuna(report: Report, configured: str | None) -> None:
     """Open the sweeps' storage and create, use and delete a throwaway study in it."""
-    from sketchsweep.config import PROJECT_ROOT
-
-    default_dir = PROJECT_ROOT / "mlruns" / "optuna"
+    default_dir = PROJECT_ROOT / "mlruns" / "optuna"  # sweep.storage.JOURNAL_DIR, without importing optuna
     if configured is None:
         report.section(f"Optuna storage: journal files in {default_dir}  (default: one <study>.journal per study)")
     else:
@@ -350,97 +241,14 @@ def check_optuna(report: Report, configured: str | None) -> None:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     except ImportError as e:
-        report.fail(f"optuna cannot be imported ({_error(e)}): sweeps (-m hydra/sweeper=optuna) cannot run")
+        report.fail(f"optuna cannot be imported ({cli.one_line(e)}): sweeps (-m hydra/sweeper=optuna) cannot run")
         return
     try:
-        if configured is not None and "://" in configured:
-            _check_rdb(report, configured)
-        else:
-            _check_journal(report, Path(configured).expanduser() if configured else None, default_dir)
+        from sketchsweep.sweep.storage import check_storage
+
+        report.ok(check_storage(configured))
     except Exception as e:
-        report.fail(f"{configured or default_dir}: {_error(e)}")
-
-
-def _study_roundtrip(storage: Any) -> None:
-    import optuna
-
-    name = f"sketchsweep-doctor-{uuid.uuid4().hex[:8]}"
-    study = optuna.create_study(study_name=name, storage=storage)
-    try:
-        trial = study.ask()
-        trial.suggest_float("x", 0.0, 1.0)
-        study.tell(trial, 1.0)
-        if study.best_value != 1.0:
-            raise RuntimeError("a trial written could not be read back")
-    finally:
-        optuna.delete_study(study_name=name, storage=storage)
-
-
-def _check_journal(report: Report, path: Path | None, default_dir: Path) -> None:
-    """A journal file is append-only: the check writes a throwaway journal beside it (then deletes
-    it) and only reads the configured file, so the user's studies are left exactly as they were."""
-    import optuna
-
-    from sketchsweep.trial import open_storage
-
-    folder = path.parent if path is not None else default_dir
-    _not_a_file(folder)
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
-    scratch = folder / f".sketchsweep-doctor-{os.getpid()}.journal"
-    try:
-        _study_roundtrip(open_storage(str(scratch)))
-    except OSError as e:
-        raise OSError(f"cannot write a journal in {folder}: {e.strerror or e}") from None
-    finally:
-        for p in folder.glob(scratch.name + "*"):  # the journal and its lock file
-            p.unlink(missing_ok=True)
-        for p in created:  # folders this check made, innermost first
-            try:
-                p.rmdir()
-            except OSError:
-                break
-    if path is not None and path.is_file():
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-        studies = optuna.get_all_study_names(storage)
-        report.ok(f"{path}: opens, {len(studies)} stud{'y' if len(studies) == 1 else 'ies'}; its folder is writable")
-    elif path is not None:
-        report.ok(f"{path} does not exist yet; its folder is writable, the first sweep creates it")
-    else:
-        report.ok(f"{folder}: writable; a throwaway study was created, used and deleted")
-
-
-def _check_rdb(report: Report, url: str) -> None:
-    import optuna
-
-    from sketchsweep.trial import storage_url
-
-    url = storage_url(url)  # as the sweeper reads it: postgres(ql):// means psycopg 3
-    scheme = url.split("://", 1)[0]
-    kwargs: dict[str, Any] = {}
-    if scheme.startswith(("postgresql", "mysql")):
-        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}  # a dead server fails in seconds
-    # A SQLite file this check creates is removed again: the first sweep makes its own.
-    sqlite_file = Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
-    new_file = sqlite_file is not None and not sqlite_file.exists()
-    try:
-        try:
-            storage = optuna.storages.RDBStorage(url, **kwargs)
-        except ImportError as e:
-            hint = ""
-            if scheme.startswith("postgresql"):
-                hint = (
-                    "; pip install 'psycopg[binary]' for postgresql+psycopg:// (and postgresql:// with "
-                    "SQLAlchemy 2.1), or psycopg2-binary for postgresql+psycopg2://"
-                )
-            raise ImportError(f"the database driver for {scheme}:// is not installed ({e}){hint}") from None
-        _study_roundtrip(storage)
-        engine = getattr(storage, "engine", None)
-        if engine is not None:  # close SQLite's connections before the file is removed
-            engine.dispose()
-    finally:
-        if new_file and sqlite_file is not None:
-            sqlite_file.unlink(missing_ok=True)
-    report.ok(f"{scheme}:// storage opens; a throwaway study was created, used and deleted")
+        report.fail(f"{configured or default_dir}: {cli.one_line(e)}")
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -459,10 +267,6 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str | None], list[str]]:
             raise ValueError(f"{arg!r}: expected key=value, e.g. mlflow.tracking_uri=sqlite:///path/mlflow.db")
         value = value.strip("'\"")
         if key == "tracking":
-            from omegaconf import OmegaConf
-
-            from sketchsweep.config import PROJECT_ROOT
-
             path = PROJECT_ROOT / "conf" / "tracking" / f"{value}.yaml"
             if not path.is_file():
                 options = sorted(p.stem for p in path.parent.glob("*.yaml"))
@@ -483,8 +287,6 @@ SECTIONS = ("system", "mlflow", "optuna")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     prog = "python -m sketchsweep.doctor"
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -508,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"trainer.device={device}: expected auto, cpu or cuda")
     except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     report = Report()
     print("sketchsweep doctor", flush=True)
     if ignored:
@@ -530,13 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             checks[name]()
         except Exception as e:  # a bug in one check must not hide the others' results
-            report.fail(f"the {name} check itself failed: {_error(e)}")
+            report.fail(f"the {name} check itself failed: {cli.one_line(e)}")
     print()
     if report.failures:
         print(f"{len(report.failures)} problem(s), {report.passed} check(s) passed:", flush=True)
         for text in report.failures:
             print(f"  - {text}")
-        return 1
+        return cli.FAILURE
     print(f"all {report.passed} check(s) passed", flush=True)
     return 0
 

@@ -1,4 +1,5 @@
-"""Train one epoch and evaluate, on data that lives on the training device (or streams to it).
+"""Train one epoch, evaluate, and run a model on drawings: the loops, on data that lives on the
+training device (or streams to it; ``sketchsweep.data.views``).
 
 The whole dataset sits on the device as uint8 ``(N, 784)``; an epoch is a ``randperm`` and a loop
 over index slices. Conversion to float and Normalize(0.5, 0.5) happen on the device per batch,
@@ -10,55 +11,29 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sketchsweep.data.views import Batch, Rows, Split, StreamingSplit
 
-@dataclass
-class Split:
-    """A split of data resident on the training device: all images once, and this split's rows
-    as an index into them, so train/val/test never hold copies. ``StreamingSplit`` in
-    ``sketchsweep.data.stream`` has the same interface for data that does not fit.
-    """
-
-    images: torch.Tensor  # uint8 (N, 784), on the training device
-    labels: torch.Tensor  # int64 (N,), on the training device
-    index: torch.Tensor | None = None  # rows of this split (on the device); None: all rows
-
-    def __len__(self) -> int:
-        return len(self.labels) if self.index is None else len(self.index)
-
-    @property
-    def device(self) -> torch.device:
-        return self.labels.device
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(uint8 images, labels)`` batches: in order, or shuffled by ``generator`` (a CPU
-        generator, so the order is reproducible and its state can be checkpointed)."""
-        if generator is None and self.index is None:
-            for i in range(0, len(self), batch_size):
-                yield self.images[i : i + batch_size], self.labels[i : i + batch_size]
-            return
-        order = self.index
-        if generator is not None:
-            perm = epoch_permutation(len(self), generator).to(self.device)
-            order = perm if order is None else order[perm]
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            # index_select, not images[idx]: on a CPU advanced indexing of uint8 rows is ~10x slower.
-            yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
+View = Split | StreamingSplit | Rows
 
 
-def epoch_permutation(n: int, generator: torch.Generator) -> torch.Tensor:
-    """The order of an epoch's rows. Drawn on the CPU from the run's checkpointed generator, and
-    shared with ``StreamingSplit``: the same seed gives the same batches resident or streamed."""
-    return torch.randperm(n, generator=generator)
+class DeviceError(ValueError):
+    """A device that cannot be used here (``cuda`` without a GPU)."""
+
+
+def pick_device(choice: str, key: str = "trainer.device") -> torch.device:
+    """``auto``: CUDA when available, else the CPU; ``cuda`` without a GPU is a ``DeviceError`` naming ``key``."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"{key}=cuda: no CUDA device is available (use {key}=auto or cpu)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
 
 
 def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -69,9 +44,10 @@ def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 @dataclass
-class Precision:
-    """How the forward pass runs: autocast dtype (None: fp32) and, for fp16, a gradient scaler.
-    BatchNorm and the loss stay fp32 under autocast."""
+class MixedPrecision:
+    """How the forward pass runs (``trainer.precision`` resolved for a device): autocast dtype
+    (None: fp32), for fp16 a gradient scaler, and on CUDA the channels-last layout that goes with
+    Tensor Cores. BatchNorm and the loss stay fp32 under autocast."""
 
     dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
@@ -81,24 +57,27 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
-def resolve_precision(choice: str, device: torch.device) -> Precision:
-    """``auto``: bf16 autocast on CUDA devices that support it, fp32 elsewhere."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA compute capability 8.0 (Ampere) or newer.
+    torch's is_bf16_supported() also counts slow emulation on older GPUs."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_precision(choice: str, device: torch.device) -> MixedPrecision:
+    """``auto``: bf16 autocast on CUDA devices with native bf16, fp32 elsewhere."""
     if choice == "auto":
-        # Native bf16 needs compute capability 8.0 (Ampere); torch's is_bf16_supported() also
-        # counts slow emulation on older GPUs.
-        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-        choice = "bf16" if native else "fp32"
+        choice = "bf16" if native_bf16(device) else "fp32"
     cuda = device.type == "cuda"
     if choice == "fp32":
-        return Precision(channels_last=cuda)
+        return MixedPrecision(channels_last=cuda)
     if choice == "bf16":
-        return Precision(torch.bfloat16, channels_last=cuda)
+        return MixedPrecision(torch.bfloat16, channels_last=cuda)
     if choice == "fp16":  # fp16 gradients underflow without loss scaling
-        return Precision(torch.float16, torch.amp.GradScaler(device.type), channels_last=cuda)
+        return MixedPrecision(torch.float16, torch.amp.GradScaler(device.type), channels_last=cuda)
     raise ValueError(f"trainer.precision={choice}: expected auto, fp32, bf16 or fp16")
 
 
-def prepare_model(model: nn.Module, device: torch.device, precision: Precision) -> nn.Module:
+def prepare_model(model: nn.Module, device: torch.device, precision: MixedPrecision) -> nn.Module:
     """``model`` on ``device`` the way the engine trains it: on CUDA, cuDNN picks its fastest
     kernels (``cudnn.benchmark``: shapes are fixed 28x28, so its search pays once) and weights are
     channels-last (``precision.channels_last``), the layout Tensor Cores convolve without
@@ -147,16 +126,16 @@ def random_affine(
 
 def train_one_epoch(
     model: nn.Module,
-    data: Split,
+    data: View,
     optimizer: torch.optim.Optimizer,
     batch_size: int,
     generator: torch.Generator,
     on_step: Callable[[], None] | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    precision: Precision | None = None,
+    precision: MixedPrecision | None = None,
 ) -> dict[str, float]:
     """One pass over ``data`` in the order drawn from ``generator``. Returns loss, accuracy, timing."""
-    precision = precision or Precision()
+    precision = precision or MixedPrecision()
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=data.device)
@@ -195,18 +174,31 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
+def infer(model: nn.Module, batches: Iterable[Batch], precision: MixedPrecision | None = None) -> Iterator[Batch]:
+    """``(float32 logits, labels)`` for each ``(uint8 images, labels)`` batch: the model in eval
+    mode, under inference mode and ``precision``'s autocast, fed as training feeds it. The one
+    inference loop: per-epoch evaluation, the evaluate command, predict and the ONNX parity check."""
+    precision = precision or MixedPrecision()
+    model.eval()
+    for images, labels in batches:
+        with precision.autocast(images.device):
+            logits = model(to_input(images, precision.channels_last)).float()
+        yield logits, labels
+
+
+@torch.inference_mode()
 def evaluate(
-    model: nn.Module, data: Split, batch_size: int = 1024, prefix: str = "val", precision: Precision | None = None
+    model: nn.Module,
+    data: View,
+    batch_size: int = 1024,
+    prefix: str = "val",
+    precision: MixedPrecision | None = None,
 ) -> dict[str, float]:
     """Loss, top-1 and top-3 accuracy of ``model`` on ``data``, as ``<prefix>_loss`` etc."""
-    precision = precision or Precision()
-    model.eval()
     loss_sum = torch.zeros((), device=data.device)
     top1 = torch.zeros((), device=data.device, dtype=torch.long)
     top3 = torch.zeros((), device=data.device, dtype=torch.long)
-    for images, y in data.batches(batch_size):
-        with precision.autocast(data.device):
-            logits = model(to_input(images, precision.channels_last)).float()
+    for logits, y in infer(model, data.batches(batch_size), precision):
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         best = logits.topk(min(3, logits.shape[1]), dim=1).indices
         top1 += (best[:, 0] == y).sum()

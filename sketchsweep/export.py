@@ -3,8 +3,9 @@
     python -m sketchsweep.export outputs/2026-11-24/10-00-00              # -> outputs/2026-11-24/10-00-00/model.onnx
     python -m sketchsweep.export outputs/.../checkpoint.pt --out sketch.onnx --opset 20
     python -m sketchsweep.export runs:/<run_id>                           # -> ./model.onnx
+    python -m sketchsweep.export models:/sketches@champion                # -> ./model.onnx
 
-The exported model's contract (``INPUT_CONTRACT``, also stored in the file's metadata):
+The exported model's contract (``onnx_model.INPUT_CONTRACT``, also stored in the file's metadata):
 input ``images`` uint8 ``(N, 28, 28)`` in the Quick, Draw! numpy_bitmap format (strokes 255 on
 background 0), any N; outputs ``logits`` and ``probabilities`` (softmax), float32 ``(N, classes)``.
 The cast to float and Normalize(0.5, 0.5) happen inside the graph, so a deployment cannot get
@@ -31,20 +32,21 @@ import onnx
 import torch
 from torch import nn
 
-from sketchsweep.checkpoint import BEST_WEIGHTS, ModelRefError, TrainedModel, load_trained
+from sketchsweep import cli
+from sketchsweep.checkpoint import TrainedModel, load_trained
+from sketchsweep.config import saved_data_config
+from sketchsweep.data import DataError
 from sketchsweep.data.categories import class_key
-from sketchsweep.data.folder import DataError, list_class_files
-from sketchsweep.engine import to_input
+from sketchsweep.data.folder import as_uint8, list_class_files
+from sketchsweep.data.load import is_synthetic, synthetic_folder
+from sketchsweep.data.synthetic import SHAPES, draw_class
+from sketchsweep.data.views import Rows
+from sketchsweep.engine import infer, to_input
+from sketchsweep.modelref import BEST_WEIGHTS, FORMS, ONNX, ModelRef, ModelRefError
+from sketchsweep.onnx_model import INPUT_CONTRACT, INPUT_NAME, OUTPUT_NAMES, open_session
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities")
-INPUT_CONTRACT = (
-    "input 'images': uint8 (N, 28, 28), N any, the Quick, Draw! numpy_bitmap format: strokes 255 on background 0, "
-    "row-major (a (N, 784) row reshaped). Cast to float and Normalize(0.5, 0.5) (x/255*2-1) happen inside the graph. "
-    "Outputs: 'logits' and 'probabilities' (softmax), float32 (N, C), C = len(class_names) from the metadata."
-)
 ATOL = 1e-4  # max |logit difference| allowed between ONNX Runtime and PyTorch
-DEFAULT_NAME = "model.onnx"
+DEFAULT_NAME = ONNX
 MIN_OPSET = 17  # the dynamo exporter writes opset 18 and newer; 17 works through onnx's version converter
 
 
@@ -114,7 +116,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:
-            raise ExportError(f"onnx.checker rejected the exported model: {_first_line(e)}") from None
+            raise ExportError(f"onnx.checker rejected the exported model: {cli.one_line(e)}") from None
         opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
         if opset is not None and opset_used != opset:
             # The exporter falls back to its own opset when it cannot convert: say so instead.
@@ -169,7 +171,7 @@ def _to_onnx(module: nn.Module, opset: int | None) -> onnx.ModelProto:
                 verbose=False,  # the default optimize=True folds BatchNorm into the convolutions
             )
     except Exception as e:
-        raise ExportError(f"torch.onnx.export failed (opset {opset or 'default'}): {_first_line(e)}") from None
+        raise ExportError(f"torch.onnx.export failed (opset {opset or 'default'}): {cli.one_line(e)}") from None
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
@@ -195,11 +197,10 @@ def _as_batch(images: np.ndarray) -> np.ndarray:
     a = np.asarray(images)
     if a.ndim not in (2, 3) or a.shape[1:] not in ((784,), (28, 28)):
         raise ExportError(f"real_images: expected (N, 784) or (N, 28, 28), got shape {a.shape}")
-    if a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.floating) or (a.size and (a.min() < 0 or a.max() > 1)):
-            raise ExportError(f"real_images: expected uint8, or floats in [0, 1]; got {a.dtype}")
-        a = np.rint(a * 255.0).astype(np.uint8)
-    return np.ascontiguousarray(a.reshape(-1, 28, 28))
+    try:
+        return np.ascontiguousarray(as_uint8(a, "real_images").reshape(-1, 28, 28))
+    except DataError as e:
+        raise ExportError(str(e)) from None
 
 
 def probe_images(real_images: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
@@ -221,19 +222,16 @@ def check_parity(
     """Run ``onnx_path`` in ONNX Runtime and ``model`` (a SketchCNN, fed as training feeds it) in
     PyTorch on ``probe_images`` as one batch and again at batch 1; return
     ``(max |logit difference|, top-1 agreement, inputs checked)`` or raise ``ParityError``."""
-    import onnxruntime as ort
-
     x = probe_images(real_images)
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = open_session(onnx_path)
         logits, probs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         single = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[:1]})[0]
     except Exception as e:
-        raise ParityError(f"{onnx_path}: ONNX Runtime cannot run it: {_first_line(e)}") from None
-    with torch.no_grad():
-        ref = model.to("cpu", torch.float32).eval()(to_input(torch.from_numpy(x))).numpy()
+        raise ParityError(f"{onnx_path}: ONNX Runtime cannot run it: {cli.one_line(e)}") from None
+    model = model.to("cpu", torch.float32)
+    ((ref, _),) = infer(model, Rows(x.reshape(-1, 784)).batches(len(x)))
+    ref = ref.numpy()
     if logits.shape != ref.shape or single.shape != ref[:1].shape:
         raise ParityError(f"{onnx_path}: ONNX Runtime gave logits {logits.shape}, PyTorch {ref.shape}")
     ref_probs = torch.softmax(torch.from_numpy(ref), dim=1).numpy()
@@ -261,10 +259,8 @@ def check_parity(
 def sample_real_images(trained: TrainedModel, per_class: int = 2, max_classes: int = 16) -> tuple[np.ndarray, str]:
     """A few drawings to check parity on: the run's own data files when they are still where the
     run read them, else synthetic sketches (sketch-like, unlike random pixels)."""
-    from sketchsweep.train import synthetic_folder
-
-    data = trained.config.get("data") or {}
-    root = synthetic_folder(data) if data.get("source") == "synthetic" else data.get("root")
+    data = saved_data_config(trained.config)
+    root = synthetic_folder(data) if is_synthetic(data) else data.root
     rows = []
     if root and Path(root).is_dir():
         wanted = {class_key(c) for c in trained.class_names[:max_classes]}
@@ -282,30 +278,21 @@ def sample_real_images(trained: TrainedModel, per_class: int = 2, max_classes: i
                 continue  # a file that moved or changed: the check just uses fewer real drawings
     if rows:
         return np.concatenate(rows), f"{sum(len(r) for r in rows)} drawings from {root}"
-    from sketchsweep.data.synthetic import SHAPES, draw_class
-
     names = [c for c in trained.class_names if c in SHAPES] or list(SHAPES)
     drawn = np.concatenate([draw_class(n, per_class, seed=1234) for n in names[:max_classes]])
     return drawn.reshape(-1, 28, 28), f"{len(drawn)} synthetic sketches"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def default_out(ref: str) -> Path:
-    """``<run folder>/model.onnx`` for a run folder or a file in one; ``./model.onnx`` for runs:/.
-    Other weights than the best epoch's (``model_weights.pth``) get their own name, so they do not
-    replace the ``model.onnx`` training exported from the best epoch."""
-    if ref.startswith("runs:/"):
+def default_out(ref: str | ModelRef) -> Path:
+    """``<run folder>/model.onnx`` for a run folder or a file in one; ``./model.onnx`` for runs:/
+    and models:/. Other weights than the best epoch's (``model_weights.pth``) get their own name, so
+    they do not replace the ``model.onnx`` training exported from the best epoch."""
+    ref = ModelRef.parse(ref)
+    if ref.folder is None:
         return Path(DEFAULT_NAME)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path / DEFAULT_NAME
-    if path.suffix == ".pth" and path.name != BEST_WEIGHTS:
-        return path.with_suffix(".onnx")
-    return path.parent / DEFAULT_NAME
+    if ref.kind == "weights" and ref.path.name != BEST_WEIGHTS:
+        return ref.path.with_suffix(".onnx")
+    return ref.folder / DEFAULT_NAME
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,26 +301,26 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a trained SketchCNN to ONNX (uint8 (N, 28, 28) in; logits and probabilities out), "
         "checked against PyTorch by ONNX Runtime.",
     )
-    parser.add_argument("model", help="a run folder, checkpoint.pt, a *.pth in a run folder, or runs:/<run_id>")
+    parser.add_argument("model", help=FORMS.replace(", an .onnx", ""))
     parser.add_argument(
         "--out",
         type=Path,
         help=f"the .onnx file (default: <run folder>/{DEFAULT_NAME}, <name>.onnx beside another *.pth; "
-        f"./{DEFAULT_NAME} for runs:/)",
+        f"./{DEFAULT_NAME} for runs:/ and models:/)",
     )
     parser.add_argument("--opset", type=int, help="ONNX opset, 17 or newer (default: the exporter's)")
     args = parser.parse_args(argv)
-    out = args.out or default_out(args.model)
+    out = args.out
     try:
-        trained = load_trained(args.model)
+        ref = ModelRef.parse(args.model)
+        out = out or default_out(ref)
+        trained = load_trained(ref)
         real, where = sample_real_images(trained)
         report = export_onnx(trained, out, opset=args.opset, real_images=real)
     except (ModelRefError, ExportArgumentError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     except ExportError as e:
-        print(f"error: export failed, nothing written to {out}: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(f"export failed, nothing written to {out}: {e}", cli.FAILURE)
     size = report.path.stat().st_size / 1e6
     print(
         f"wrote {report.path} ({size:.2f} MB, opset {report.opset}, {len(trained.class_names)} classes) in "

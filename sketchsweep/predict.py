@@ -1,4 +1,5 @@
-"""Classify drawings with a trained model: an exported ``.onnx`` file, a run folder, a checkpoint or a run.
+"""Classify drawings with a trained model: an exported ``.onnx`` file, a run folder, a checkpoint,
+a run or a Model Registry version.
 
     python -m sketchsweep.predict model.onnx cat.png drawings/ batch.npy --top-k 3
     python -m sketchsweep.predict outputs/2026-11-24/10-00-00 cat.png --json
@@ -22,6 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from sketchsweep import cli
+from sketchsweep.data import DataError
+from sketchsweep.data.folder import as_uint8
+from sketchsweep.modelref import FORMS, ModelRef, ModelRefError
+from sketchsweep.onnx_model import INPUT_NAME, ModelFileError, class_names, open_session
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SIDE = 28
 # Quick, Draw!'s framing (sketchsweep.data.raster): centre lines in a 256 box, a 16-unit stroke and
@@ -36,10 +43,6 @@ BATCH = 1024
 
 class InputError(ValueError):
     """An input that cannot be read as a drawing (reported and skipped by the CLI)."""
-
-
-class ModelFileError(ValueError):
-    """An .onnx file that cannot be used as a sketchsweep model."""
 
 
 # ---------------------------------------------------------------- images -> uint8 (28, 28)
@@ -187,19 +190,10 @@ def load_npy(path: str | Path) -> np.ndarray:
         a = a.reshape(1, 28, 28)
     if a.ndim not in (2, 3) or a.shape[1:] not in ((784,), (28, 28)):
         raise InputError(f"{path}: expected drawings (N, 784) or (N, 28, 28), got shape {a.shape}")
-    return as_uint8(np.asarray(a).reshape(-1, 28, 28), str(path))
-
-
-def as_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
-    """uint8 as is; floats in [0, 1] scaled to 0-255; anything else is an ``InputError``."""
-    a = np.asarray(images)
-    if a.dtype == np.uint8:
-        return a
-    if np.issubdtype(a.dtype, np.floating) and (
-        a.size == 0 or (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1)
-    ):
-        return np.rint(a * 255.0).astype(np.uint8)
-    raise InputError(f"{what}: expected uint8 (0-255) or floats in [0, 1], got {a.dtype}")
+    try:
+        return as_uint8(np.asarray(a).reshape(-1, 28, 28), str(path))
+    except DataError as e:
+        raise InputError(str(e)) from None
 
 
 # ---------------------------------------------------------------- models
@@ -207,64 +201,51 @@ def as_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
 
 class Predictor:
     """A trained model ready to classify uint8 drawings, on ONNX Runtime for an ``.onnx`` file
-    (no torch import) and on PyTorch (CPU) for a run folder, checkpoint or ``runs:/<run_id>``.
+    (no torch import) and on PyTorch (CPU) for a run folder, checkpoint, ``runs:/`` or ``models:/``.
     A bad reference raises ``ModelFileError`` (.onnx) or ``ModelRefError`` (both ValueErrors)."""
 
     def __init__(self, model: str | Path) -> None:
         self.source = str(model)
-        if not self.source.startswith("runs:/") and Path(self.source).suffix.lower() == ".onnx":
-            self._open_onnx(Path(self.source))
+        ref = ModelRef.parse(model)
+        if ref.kind == "onnx":
+            self._open_onnx(ref.path)
         else:
-            from sketchsweep.checkpoint import load_trained
+            from sketchsweep.checkpoint import load_trained  # torch: only for PyTorch models
 
-            trained = load_trained(self.source)
+            self._trained = load_trained(ref)
             self.backend = "torch"
-            self.class_names = trained.class_names
-            self._model = trained.model
+            self.class_names = self._trained.class_names
 
     def _open_onnx(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        if not path.is_file():
-            raise ModelFileError(f"{path}: no such file")
         try:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._session = open_session(path)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {first})") from None
-        meta = self._session.get_modelmeta().custom_metadata_map
-        try:
-            names = json.loads(meta["class_names"])
-            assert isinstance(names, list) and all(isinstance(n, str) for n in names)
-        except (KeyError, ValueError, AssertionError):
-            raise ModelFileError(
-                f"{path}: not a sketchsweep export (no class_names list in its metadata; "
-                "make one with python -m sketchsweep.export)"
-            ) from None
+            raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({cli.one_line(e)})") from None
+        names = class_names(self._session, path)
         inputs = self._session.get_inputs()
         if len(inputs) != 1 or inputs[0].type != "tensor(uint8)":
-            raise ModelFileError(f"{path}: expected one uint8 input 'images', got {[(i.name, i.type) for i in inputs]}")
+            raise ModelFileError(
+                f"{path}: expected one uint8 input {INPUT_NAME!r}, got {[(i.name, i.type) for i in inputs]}"
+            )
         self._input = inputs[0].name
         self.backend = "onnxruntime"
         self.class_names = names
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``(N, classes)`` for uint8 ``(N, 28, 28)``/``(N, 784)`` (or floats in [0, 1])."""
-        x = as_uint8(images).reshape(-1, 28, 28)
-        out = [self._run(np.ascontiguousarray(x[i : i + BATCH])) for i in range(0, len(x), BATCH)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        if self.backend == "onnxruntime":
-            return self._session.run(["probabilities"], {self._input: x})[0]
-        import torch
-
-        from sketchsweep.engine import to_input
-
-        with torch.no_grad():
-            return torch.softmax(self._model(to_input(torch.from_numpy(x))), dim=1).numpy()
+        try:
+            x = as_uint8(images).reshape(-1, 28, 28)
+        except DataError as e:
+            raise InputError(str(e)) from None
+        if len(x) == 0:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        if self.backend == "torch":
+            return self._trained.probabilities(x, BATCH)
+        out = [
+            self._session.run(["probabilities"], {self._input: np.ascontiguousarray(x[i : i + BATCH])})[0]
+            for i in range(0, len(x), BATCH)
+        ]
+        return np.concatenate(out)
 
     def predict(self, images: np.ndarray, top_k: int = 3) -> list[list[tuple[str, float]]]:
         """For each drawing, its ``top_k`` classes as ``(label, probability)``, most likely first."""
@@ -333,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m sketchsweep.predict",
         description="Classify drawings (images, .npy batches, folders of them) with a trained sketchsweep model.",
     )
-    parser.add_argument("model", help="an exported .onnx file, a run folder, a checkpoint, or runs:/<run_id>")
+    parser.add_argument("model", help=FORMS)
     parser.add_argument("inputs", nargs="+", help="PNG/JPEG/... drawings, .npy files of 28x28 rows, or folders")
     parser.add_argument("--top-k", type=int, default=3, help="classes to show per drawing (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per drawing instead of a table")
@@ -342,16 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-k must be at least 1")
     try:
         predictor = Predictor(args.model)
-    except ValueError as e:  # ModelFileError or ModelRefError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ModelFileError, ModelRefError) as e:
+        return cli.fail(e)
     k = min(args.top_k, len(predictor.class_names))
     failed = 0
     items: list[Item] = []
     for item in iter_inputs(args.inputs):
         if item.error:
             failed += 1
-            print(f"error: {item.error} (skipped)", file=sys.stderr)
+            cli.fail(f"{item.error} (skipped)", cli.FAILURE)
         else:
             items.append(item)
     tops = predictor.predict(np.stack([it.image for it in items]), k) if items else []
@@ -363,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(list(zip(items, tops, strict=True)), k))
     if failed:
         print(f"{failed} input(s) could not be read; {len(items)} drawing(s) classified", file=sys.stderr)
-    return 1 if failed else 0
+    return cli.FAILURE if failed else 0
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import torch
 
 from sketchsweep.data import load_folder, stratified_split
 from sketchsweep.data.folder import class_labels, select_files
-from sketchsweep.data.stream import RowReader, StreamingSplit
+from sketchsweep.data.stream import RowReader
+from sketchsweep.data.views import Split, StreamingSplit
 from sketchsweep.engine import (
-    Split,
     evaluate,
     optimizer_options,
     prepare_model,

@@ -10,7 +10,8 @@ import torch
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from sketchsweep.doctor import main, redact
+from sketchsweep.cli import redact
+from sketchsweep.doctor import main
 
 
 @pytest.fixture(scope="module")

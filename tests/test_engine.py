@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from sketchsweep.data import load_folder
-from sketchsweep.engine import Split, evaluate, random_affine, to_input, train_one_epoch
+from sketchsweep.data.views import Split
+from sketchsweep.engine import evaluate, random_affine, to_input, train_one_epoch
 from sketchsweep.model import SketchCNN
 from tests.conftest import PROJECT_ROOT
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sketchsweep.evaluate import (
+from sketchsweep.evaluate import main
+from sketchsweep.evaluation import (
     CONFUSION_CSV,
     FILES,
     MISCLASSIFIED_PNG,
     PER_CLASS,
     confusion_view,
     evaluation_artifacts,
-    main,
     pick_misclassified,
 )
 from tests.conftest import cli_env, tiny_overrides, train_cli

@@ -13,10 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sketchsweep.checkpoint import BEST_WEIGHTS, TrainedModel, load_trained
+from sketchsweep.checkpoint import TrainedModel, load_trained
 from sketchsweep.data.synthetic import draw_class
 from sketchsweep.export import (
-    INPUT_CONTRACT,
     ExportError,
     ParityError,
     check_parity,
@@ -25,6 +24,8 @@ from sketchsweep.export import (
     main,
 )
 from sketchsweep.model import SketchCNN
+from sketchsweep.modelref import BEST_WEIGHTS
+from sketchsweep.onnx_model import INPUT_CONTRACT
 from tests.conftest import tiny_overrides, train_cli
 
 # Shapes that look nothing alike, so 3 epochs give a model that is right on most drawings.

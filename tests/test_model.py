@@ -41,6 +41,7 @@ def test_core_imports_without_hydra_or_mlflow():
 
     code = (
         "import sys; sys.modules.update(hydra=None, omegaconf=None, mlflow=None, tqdm=None)\n"
-        "import sketchsweep.data, sketchsweep.model, sketchsweep.engine\n"
+        "import sketchsweep.data, sketchsweep.data.load, sketchsweep.data.views\n"
+        "import sketchsweep.model, sketchsweep.engine\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,9 +16,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from sketchsweep.cli import redact
+from sketchsweep.sweep.storage import StorageError, open_storage
+from sketchsweep.sweep.workers import parse
 from sketchsweep.tracking import TrackingError, setup_experiment
-from sketchsweep.trial import StorageError, masked, open_storage
-from sketchsweep.workers import parse
 from tests.conftest import cli_env, free_port, sweep_overrides, tiny_overrides, train_cli
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -231,7 +232,7 @@ def test_a_postgres_storage_without_psycopg_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # what `import psycopg` sees when it is not installed
     with pytest.raises(StorageError, match=r"hydra\.sweeper\.storage=postgresql://u:\*\*\*@db/optuna: .*psycopg 3"):
         open_storage("postgresql://u:pw@db/optuna")
-    assert masked("postgresql+psycopg://u:pw@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
+    assert redact("postgresql+psycopg://u:pw@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
 
 
 @pytest.mark.parametrize(

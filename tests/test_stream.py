@@ -8,8 +8,9 @@ import torch
 
 from sketchsweep.data import DataError, load_folder, stratified_split
 from sketchsweep.data.folder import class_labels, select_files
-from sketchsweep.data.stream import RowReader, StreamingSplit
-from sketchsweep.engine import Split, evaluate
+from sketchsweep.data.stream import RowReader
+from sketchsweep.data.views import Split, StreamingSplit
+from sketchsweep.engine import evaluate
 from sketchsweep.model import SketchCNN
 from sketchsweep.train import train
 from tests.conftest import compose_config, rows_with_labels

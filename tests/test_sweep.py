@@ -6,13 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from sketchsweep.trial import open_storage
+from sketchsweep.sweep.storage import open_storage
 from tests.conftest import cli_env, sweep_overrides, train_cli
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -185,7 +186,7 @@ def test_pareto_preset_returns_both_objectives(tiny_data, tmp_path):
 def test_search_space_grammar_maps_to_optuna_distributions():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from hydra_plugins.sketchsweep_optuna.sweeper import search_space
+    from sketchsweep.sweep.space import search_space
 
     space, fixed = search_space(
         [
@@ -201,7 +202,8 @@ def test_search_space_grammar_maps_to_optuna_distributions():
     assert space["optimizer.weight_decay"] == FloatDistribution(0.0, 0.1)
     assert space["model.width"] == IntDistribution(8, 64)
     assert space["model.hidden"] == CategoricalDistribution([64, 128])
-    assert space["trainer.batch_size"] == CategoricalDistribution([64, 128, 192, 256])
+    # range(...) is ordered, as Hydra's own range (stop excluded): TPE sees 128 between 64 and 192.
+    assert space["trainer.batch_size"] == IntDistribution(64, 256, step=64)
     assert fixed == {"trainer.epochs": "5"}
 
 
@@ -209,11 +211,9 @@ def test_search_space_grammar_maps_to_optuna_distributions():
 def test_every_sampler_builds(sampler):
     from optuna.distributions import CategoricalDistribution
 
-    from hydra_plugins.sketchsweep_optuna.config import OptunaSweeperConf
-    from hydra_plugins.sketchsweep_optuna.sweeper import OptunaSweeper
+    from sketchsweep.sweep.space import make_sampler
 
-    conf = {k: v for k, v in vars(OptunaSweeperConf(sampler=sampler, seed=1)).items() if k != "_target_"}
-    built = OptunaSweeper(**conf)._sampler({"model.width": CategoricalDistribution([8, 16])})
+    built = make_sampler(sampler, {"model.width": CategoricalDistribution([8, 16])}, seed=1)
     assert isinstance(built, optuna.samplers.BaseSampler)
 
 
@@ -240,3 +240,100 @@ def test_presets_run(tiny_data, tmp_path, preset):
     assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
     if preset == "optimizer":
         assert {"optimizer", "scheduler", "optimizer.lr", "optimizer.weight_decay"} == set(trials[0].params)
+
+
+def test_range_is_an_ordered_stepped_distribution_over_hydras_own_values():
+    """hydra-optuna-sweeper's grammar: range(start, stop, step) is an Int/FloatDistribution with a
+    step (TPE then models its order), over the values Hydra's basic sweeper would run."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from sketchsweep.sweep.space import grid_values, search_space
+
+    space, _ = search_space(
+        [
+            "a=range(64, 257, 64)",
+            "b=range(10, 0, -3)",
+            "c=range(0.1, 0.5, 0.1)",
+            "d=shuffle(range(1, 4))",
+            "e=range(5, 6)",
+        ]
+    )
+    assert space["a"] == IntDistribution(64, 256, step=64)
+    assert space["b"] == IntDistribution(1, 10, step=3)  # 10, 7, 4, 1
+    assert space["c"] == FloatDistribution(0.1, 0.4, step=0.1)
+    assert isinstance(space["d"], CategoricalDistribution) and sorted(space["d"].choices) == [1, 2, 3]
+    assert space["e"] == IntDistribution(5, 5, step=1)
+    assert grid_values("a", space["a"]) == [64, 128, 192, 256]
+    assert grid_values("c", space["c"]) == [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match="empty range"):
+        search_space(["f=range(3, 3)"])
+    # TPE samples only the range's values.
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
+    study.optimize(lambda t: t.suggest_int("a", 64, 256, step=64) / 256, n_trials=12)
+    assert {t.params["a"] for t in study.trials} <= {64, 128, 192, 256}
+
+
+def test_a_range_sweep_runs_on_the_grid_sampler(tiny_data, tmp_path):
+    proc = train_cli(
+        sweep_args(
+            tiny_data,
+            tmp_path,
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler=grid",
+            "trainer.epochs=1",
+            "model.width=range(4, 9, 4)",
+        ),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = load(tmp_path)
+    assert sorted(t.params["model.width"] for t in study.trials) == [4, 8]
+    assert study.trials[0].distributions["model.width"].step == 4
+
+
+def test_delete_overrides_reach_every_trial_as_written(tiny_data, tmp_path):
+    """`~experiment` undoes `experiment=quickstart` (its synthetic data, its MLflow experiment) in
+    every trial, passed on exactly as written."""
+    proc = train_cli(
+        sweep_args(
+            tiny_data,
+            tmp_path,
+            "hydra.sweeper.n_trials=2",
+            "trainer.epochs=1",
+            "model.width=choice(4,8)",
+            "experiment=quickstart",
+            "~experiment",
+        ),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, [_parent], children = runs(tmp_path)  # one parent in "sketchsweep", not in quickstart's experiment
+    assert len(children) == 2 and all(c.data.params["data.source"] == "folder" for c in children)
+    for c in children:
+        recorded = (Path(c.data.tags["sketchsweep.run_dir"]) / ".hydra" / "overrides.yaml").read_text()
+        assert "- ~experiment\n" in recorded, recorded
+
+
+def test_unknown_sampler_fails_before_any_study(tiny_data, tmp_path):
+    proc = train_cli(
+        sweep_args(tiny_data, tmp_path, "hydra.sweeper.sampler=bayes", "model.width=choice(4,8)"), cwd=tmp_path
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "bayes" in out and "tpe" in out  # the bad name and the known ones
+    assert not (tmp_path / "study.journal").exists()
+
+
+def test_trial_ids_come_from_optunas_storage(tmp_path):
+    """sweep.storage.trial_id is the one call into Optuna's private storage API (no public one
+    exists): it must keep finding each trial, or pruning and heartbeats break."""
+    from sketchsweep.sweep.storage import trial_id
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="ids", storage=storage)
+    numbers = [study.ask().number for _ in range(3)]
+    for n in numbers:
+        tid = trial_id(study, n)
+        assert storage.get_trial(tid).number == n
+        optuna.trial.Trial(study, tid).report(0.5, step=1)
+    assert study.trials[1].intermediate_values == {1: 0.5}

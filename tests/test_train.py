@@ -186,6 +186,42 @@ def test_quickstart_logs_evaluation_and_a_parity_checked_onnx_model(quickstart):
     np.testing.assert_allclose(served["probabilities"], session.run(None, {"images": images})[1], atol=1e-6)
 
 
+def test_a_registered_model_is_evaluated_exported_and_used_by_name(quickstart, tmp_path, monkeypatch, capsys):
+    """Register the run's logged model as the MLflow UI does, then name it as models:/<name>@<alias>
+    or models:/<name>/<version>: evaluate, export and predict use the run that logged it."""
+    import onnxruntime
+
+    from sketchsweep import evaluate, export, predict
+
+    _, run_dir, store, tmp = quickstart
+    _, run = only_run(store, "quickstart")
+    mlflow.set_tracking_uri(store)
+    [logged] = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'onnx_model'",
+        output_format="list",
+    )
+    version = mlflow.register_model(logged.model_uri, "quickstart-sketches").version
+    MlflowClient(store).set_registered_model_alias("quickstart-sketches", "champion", version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.chdir(tmp_path)
+
+    assert evaluate.main(["models:/quickstart-sketches@champion"]) == 0
+    metrics = json.loads((tmp_path / f"evaluation-{run.info.run_id}" / "metrics.json").read_text())
+    assert metrics["eval_top1"] == pytest.approx(run.data.metrics["best_val_acc"])  # the run's own split
+    assert export.main([f"models:/quickstart-sketches/{version}"]) == 0
+    props = onnxruntime.InferenceSession(str(tmp_path / "model.onnx")).get_modelmeta().custom_metadata_map
+    assert props["run_id"] == run.info.run_id
+    images = load_folder(next((tmp / "data").iterdir())).images[::50]
+    by_name = predict.Predictor("models:/quickstart-sketches@champion").probabilities(images)
+    np.testing.assert_allclose(by_name, predict.Predictor(str(run_dir)).probabilities(images), atol=1e-6)
+    capsys.readouterr()
+    for ref in (f"models:/quickstart-sketches/{int(version) + 1}", "models:/nobody@champion"):
+        assert evaluate.main([ref]) == 2
+        err = capsys.readouterr().err
+        assert f"{ref}: not in the Model Registry" in err and err.count("\n") == 1, err
+
+
 def test_quickstart_prints_accuracy_folder_and_ui(quickstart):
     proc, run_dir, _, _ = quickstart
     out = proc.stdout + proc.stderr
@@ -275,7 +311,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
 
 
 def test_signals_are_held_during_writes_and_immediate_during_compute():
-    from sketchsweep.train import held_signals
+    from sketchsweep.cli import held_signals
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt), held_signals() as signals:

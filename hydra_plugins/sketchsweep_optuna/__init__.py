@@ -1,1 +1,2 @@
-"""sketchsweep's Hydra sweeper on Optuna (>= 4.5): pruning, resumable studies, MLflow parent runs."""
+"""``hydra/sweeper=optuna``: the shim Hydra discovers for sketchsweep's Optuna sweeper; the sweep
+itself is ``sketchsweep.sweep`` (pruning, resumable studies, MLflow parent runs, many workers)."""

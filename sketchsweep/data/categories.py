@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Iterable
 from importlib import resources
 
-from sketchsweep.data.folder import DataError
+from sketchsweep.data.errors import DataError
 
 CATEGORIES: tuple[str, ...] = tuple(
     line.strip()

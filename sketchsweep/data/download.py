@@ -25,8 +25,9 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
+from sketchsweep import cli
 from sketchsweep.data.categories import CATEGORIES, check_classes
-from sketchsweep.data.folder import DataError
+from sketchsweep.data.errors import DataError
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/quickdraw_dataset/full"
 BASE_URL_ENV = "SKETCHSWEEP_QUICKDRAW_URL"
@@ -284,16 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = check_classes(names)  # before any network access
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     try:
         paths = download(names, args.dest, args.fmt, args.base_url, args.retries)
     except DownloadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(e, cli.FAILURE)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return cli.INTERRUPTED
     print(f"done: {len(paths)} file(s) in {args.dest}", file=sys.stderr)
     return 0
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sketchsweep.data.categories import check_classes
+from sketchsweep.data.errors import DataError
+
 EXPECTED = "a numpy_bitmap .npy file: uint8 array of shape (N, 784), strokes 255 on background 0"
 GOOGLE_PREFIX = "full_numpy_bitmap_"
-
-
-class DataError(ValueError):
-    """The data on disk is not what sketchsweep expects."""
 
 
 @dataclass
@@ -81,23 +80,27 @@ def open_class_file(path: Path) -> np.ndarray:
 def read_class_file(path: Path, max_rows: int | None = None) -> np.ndarray:
     """Read one class file as ``uint8 (N, 784)``, validating what is actually on disk."""
     arr = open_class_file(path)
-    rows = np.asarray(arr[:max_rows] if max_rows else arr).reshape(-1, 784)
-    if rows.dtype == np.uint8:
-        return np.ascontiguousarray(rows)
-    if rows.dtype.kind == "f":
-        lo, hi = float(rows.min()), float(rows.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 1:
-            raise DataError(f"{path}: {rows.dtype} values span [{lo}, {hi}]; expected uint8, or floats in [0, 1]")
-        return np.rint(rows * 255.0).astype(np.uint8)
-    raise DataError(f"{path}: has dtype {rows.dtype}; expected {EXPECTED} (or floats in [0, 1])")
+    return np.ascontiguousarray(as_uint8(np.asarray(arr[:max_rows] if max_rows else arr), str(path)).reshape(-1, 784))
+
+
+def as_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
+    """Drawings as uint8, strokes 255 on 0: uint8 as it is, floats in [0, 1] scaled to 0-255;
+    anything else is a ``DataError`` naming ``what``."""
+    a = np.asarray(images)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind != "f":
+        raise DataError(f"{what}: has dtype {a.dtype}; expected uint8 (0-255), or floats in [0, 1]")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 1:
+        raise DataError(f"{what}: {a.dtype} values span [{lo}, {hi}]; expected uint8, or floats in [0, 1]")
+    return np.rint(a * 255.0).astype(np.uint8)
 
 
 def select_files(root: str | Path, classes: list[str] | None = None, max_per_class: int | None = None) -> dict[str, Path]:
     """The class files to use, sorted by class name (labels are indices in this order)."""
     files = list_class_files(root)
     if classes:
-        from sketchsweep.data.categories import check_classes  # categories imports this module
-
         files = {c: files[c] for c in sorted(check_classes(classes, available=files))}
     if len(files) < 2:
         raise DataError(f"data.root: {root} gives {len(files)} class(es); expected at least 2 .npy files")

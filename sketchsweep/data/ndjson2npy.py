@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sketchsweep.data.folder import DataError
+from sketchsweep import cli
+from sketchsweep.data.errors import DataError
 from sketchsweep.data.raster import rasterize
 
 # Skip reasons, as counted and printed.
@@ -149,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written, (counts, skipped) = _convert(args.src, args.dst, args.recognized_only)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     for word, path in written.items():
         print(f"{path}: {counts[word]} drawings")
     print(f"written {sum(counts.values())}, skipped {sum(skipped.values())}")

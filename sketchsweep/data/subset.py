@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sketchsweep.data.folder import DataError, list_class_files, open_class_file, read_class_file
+from sketchsweep import cli
+from sketchsweep.data.errors import DataError
+from sketchsweep.data.folder import list_class_files, open_class_file, read_class_file
 
 MODES = ("first", "random")
 
@@ -143,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             args.src, args.dst, args.per_class, classes, args.num_classes, args.seed, args.mode, args.force
         )
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     manifest = json.loads((dst / "manifest.json").read_text())
     rows = sum(c["rows"] for c in manifest["classes"].values())
     print(f"{dst}: {len(manifest['classes'])} classes, {rows} rows ({args.mode}, seed {args.seed})")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sketchsweep.data.folder import DataError
+from sketchsweep.data.errors import DataError
 from sketchsweep.data.raster import rasterize, simplify_box
 
 Strokes = list[np.ndarray]

@@ -1,0 +1,43 @@
+"""An exported model's contract, and ONNX Runtime opening it (the export's parity check and
+``predict`` open it the same way). Imports neither torch nor MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probabilities")
+INPUT_CONTRACT = (
+    "input 'images': uint8 (N, 28, 28), N any, the Quick, Draw! numpy_bitmap format: strokes 255 on background 0, "
+    "row-major (a (N, 784) row reshaped). Cast to float and Normalize(0.5, 0.5) (x/255*2-1) happen inside the graph. "
+    "Outputs: 'logits' and 'probabilities' (softmax), float32 (N, C), C = len(class_names) from the metadata."
+)
+
+
+class ModelFileError(ValueError):
+    """An .onnx file that cannot be used as a sketchsweep model."""
+
+
+def open_session(path: str | Path) -> ort.InferenceSession:
+    """``path`` in ONNX Runtime on the CPU, its own log quiet: what cannot be loaded raises
+    (ONNX Runtime's exception), nothing is printed."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def class_names(session: ort.InferenceSession, path: str | Path) -> list[str]:
+    """The class names an export carries in its metadata, in output order."""
+    try:
+        names = json.loads(session.get_modelmeta().custom_metadata_map["class_names"])
+    except (KeyError, ValueError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelFileError(
+            f"{path}: not a sketchsweep export (no class_names list in its metadata; "
+            "make one with python -m sketchsweep.export)"
+        )
+    return names

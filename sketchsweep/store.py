@@ -1,0 +1,167 @@
+"""The MLflow store after training: a run's files read back (``runs:/``, ``models:/``), an
+evaluation added to a finished run, and the doctor's check that the store is reachable and
+writable (a throwaway run written, read back and deleted for good)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.tracking import MlflowClient
+
+from sketchsweep.cli import check_folder, one_line
+from sketchsweep.modelref import ModelRef, ModelRefError
+from sketchsweep.tracking import artifact_location, is_server, local_store_dir, server_problem, tracking_uri
+
+CHECK_EXPERIMENT = "sketchsweep-doctor"
+
+
+def log_to_run(run_id: str, uri: str, folder: Path, artifact_path: str, metrics: dict[str, float]) -> None:
+    """Add files and metrics (step 0) to an existing run, e.g. an evaluation done after training."""
+    client = MlflowClient(uri)
+    client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+
+
+def registered_run(client: MlflowClient, ref: ModelRef) -> str:
+    """The run that logged the Model Registry version ``ref`` names (models:/<name>/<version|@alias>)."""
+    try:
+        if ref.alias is not None:
+            version = client.get_model_version_by_alias(ref.name, ref.alias)
+        else:
+            version = client.get_model_version(ref.name, ref.version)
+    except MlflowException as e:
+        raise ModelRefError(f"{ref.text}: not in the Model Registry at {client.tracking_uri} ({one_line(e)})") from None
+    if not version.run_id:
+        raise ModelRefError(
+            f"{ref.text}: version {version.version} was registered from {version.source}, not from a training run; "
+            "sketchsweep reads the config, classes and weights of the run that logged it"
+        )
+    return version.run_id
+
+
+def fetch_run_files(ref: ModelRef, names: Iterable[str], dst: Path) -> str:
+    """Download ``names`` from the artifacts of the run a ``runs:/`` or ``models:/`` reference
+    points at (in the store ``$MLFLOW_TRACKING_URI`` names, default the project's) into ``dst``;
+    returns the run id."""
+    uri = tracking_uri(None)
+    run_id = ref.run_id or registered_run(MlflowClient(uri), ref)
+    for name in names:
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(dst), tracking_uri=uri)
+        except Exception as e:
+            raise ModelRefError(
+                f"{ref.text}: cannot download {name} of run {run_id} from the MLflow store at {uri} "
+                f"(set MLFLOW_TRACKING_URI to the store the run is in): {one_line(e)}"
+            ) from None
+    return run_id
+
+
+def hard_delete(client: MlflowClient, run_id: str | None = None, experiment_id: str | None = None) -> bool:
+    """Remove an already deleted run or experiment for good, as ``mlflow gc`` does; False where the
+    store keeps deleted ones (a tracking server). MLflow has no public API for it: this is the one
+    place that calls its store's private methods (tests/test_tracking.py fails if they go away)."""
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if not (hasattr(store, "_hard_delete_run") and hasattr(store, "_hard_delete_experiment")):
+        return False
+    if run_id is not None:
+        store._hard_delete_run(run_id)
+    if experiment_id is not None:
+        store._hard_delete_experiment(experiment_id)
+    return True
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    """A tracking server that is down fails the check in seconds, not after MLflow's minutes of
+    retries; the user's own settings win, and the environment is restored afterwards."""
+    saved = dict(os.environ)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        yield
+    finally:
+        for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+            if key not in saved:
+                os.environ.pop(key, None)
+
+
+def check_store(uri: str, artifact_root: str | None) -> str:
+    """Write a throwaway run with a metric and an artifact in ``uri``, read them back and delete
+    them for good; returns where the artifact went. Uses MlflowClient only: no global MLflow state
+    is changed, and a server that is down fails in seconds."""
+    with _quick_http():
+        return _roundtrip(uri, artifact_root)
+
+
+def _roundtrip(uri: str, artifact_root: str | None) -> str:
+    store_dir = local_store_dir(uri)
+    # /health answers in milliseconds; MLflow's API calls to a dead server time out slowly.
+    if is_server(uri) and (problem := server_problem(uri)):
+        raise ConnectionError(f"the tracking server does not answer ({problem})")
+    if store_dir is not None:
+        check_folder(store_dir)
+        try:
+            store_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create the store's folder {store_dir}: {e.strerror or e}") from None
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(CHECK_EXPERIMENT)
+    if exp is None:
+        location = artifact_location(store_dir, artifact_root, CHECK_EXPERIMENT)
+        exp_id = client.create_experiment(CHECK_EXPERIMENT, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":  # left by an earlier check on a store without hard deletes
+            client.restore_experiment(exp_id)
+    run = client.create_run(exp_id, run_name="doctor", tags={"sketchsweep.role": "doctor"})
+    run_id = run.info.run_id
+    try:
+        client.log_metric(run_id, "doctor", 1.0)
+        client.log_text(run_id, "written by python -m sketchsweep.doctor\n", "doctor.txt")
+        if client.get_run(run_id).data.metrics.get("doctor") != 1.0:
+            raise RuntimeError("the metric written could not be read back")
+        if [a.path for a in client.list_artifacts(run_id)] != ["doctor.txt"]:
+            raise RuntimeError(f"the artifact written could not be listed back from {run.info.artifact_uri}")
+        with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a "View run" link for servers
+            client.set_terminated(run_id, "FINISHED")
+    finally:
+        _remove_run(client, uri, run_id, run.info.artifact_uri, exp_id)
+    return run.info.artifact_uri.rsplit("/", 2)[0]
+
+
+def _remove_run(client, uri: str, run_id: str, artifact_uri: str, exp_id: str) -> None:
+    """Delete the throwaway run for good where the store allows it (what `mlflow gc` does), and the
+    doctor's experiment once empty; on a server the run stays soft-deleted, out of sight."""
+    with contextlib.suppress(Exception):  # nothing was written, or the artifact store is the problem (reported)
+        get_artifact_repository(artifact_uri, tracking_uri=uri).delete_artifacts()
+    client.delete_run(run_id)
+    hard = hard_delete(client, run_id=run_id)
+    local = Path(artifact_uri[len("file://") :]) if artifact_uri.startswith("file://") else None
+    if local is not None:  # <experiment folder>/<run id>/artifacts: remove the empty folders left
+        for folder in (local, local.parent, local.parent.parent):
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty: someone else's files
+                break
+    if not hard:
+        # A server keeps deleted runs, and restoring an experiment would bring its runs back: the
+        # doctor's experiment stays (empty to the eye); leftovers of an interrupted check go too.
+        for old in client.search_runs([exp_id], filter_string="tags.`sketchsweep.role` = 'doctor'"):
+            client.delete_run(old.info.run_id)
+        return
+    if client.search_runs([exp_id], run_view_type=ViewType.ALL, max_results=1):
+        return  # someone keeps runs in it: leave it
+    client.delete_experiment(exp_id)
+    hard_delete(client, experiment_id=exp_id)

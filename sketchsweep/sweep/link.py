@@ -1,0 +1,53 @@
+"""A job's side of an Optuna sweep: find this run's trial in the study's storage, report the
+objective after every epoch, and stop when the pruner says so.
+
+The sweeper passes ``sweep.study_name``, ``sweep.storage`` and ``sweep.trial_number`` to each job,
+so the job reaches its trial through the storage itself: this works with any launcher (in-process,
+joblib, submitit), not only when the job runs inside the sweeper's process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+from optuna.trial import TrialState
+
+from sketchsweep.sweep.space import make_pruner
+from sketchsweep.sweep.storage import open_storage, trial_id
+
+
+class TrialLink:
+    """This job's trial, for intermediate reports and pruning."""
+
+    def __init__(
+        self, study_name: str, storage: str, trial_number: int, pruner: str, pruner_kwargs: str | None
+    ) -> None:
+        # The pruner is not kept in the storage: the sweeper passes it (name and JSON arguments).
+        self.study = optuna.load_study(
+            study_name=study_name,
+            storage=open_storage(storage),
+            pruner=make_pruner(pruner, json.loads(pruner_kwargs) if pruner_kwargs else None),
+        )
+        self.trial = optuna.trial.Trial(self.study, trial_id(self.study, trial_number))
+        self.number = trial_number
+        # Optuna prunes single-objective studies only.
+        self.can_prune = len(self.study.directions) == 1
+
+    @classmethod
+    def of(cls, sweep) -> TrialLink | None:
+        """The trial a job's ``sweep.*`` config names (None outside a sweep)."""
+        if sweep.trial_number is None:
+            return None
+        return cls(sweep.study_name, sweep.storage, sweep.trial_number, sweep.pruner, sweep.pruner_kwargs)
+
+    def report(self, value: float, epoch: int) -> bool:
+        """Report the objective at ``epoch``; True when the pruner says to stop this trial."""
+        if not self.can_prune:
+            return False
+        self.trial.report(value, step=epoch)
+        return self.trial.should_prune()
+
+    def mark_pruned(self) -> None:
+        """PRUNED in the study (not FAIL); the sweeper's own tell then leaves it alone."""
+        self.study.tell(self.number, state=TrialState.PRUNED)
