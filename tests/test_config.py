@@ -1,10 +1,11 @@
 """Every config group composes, and typos or wrong types fail at compose time."""
 
 import pytest
+from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from sketchsweep.config import PROJECT_ROOT
+from sketchsweep.config import PROJECT_ROOT, MLflowConfig, register_configs
 from tests.conftest import compose_config, train_cli
 
 GROUPS = {
@@ -64,3 +65,37 @@ def test_cli_typo_fails_before_anything_is_created(tmp_path):
     assert "widht" in proc.stderr
     assert not store.exists()
     assert not (tmp_path / "outputs").exists()
+
+
+def leaves(node, prefix: str = "") -> dict:
+    return {
+        f"{prefix}{k}": v
+        for k, v in node.items()
+        for k, v in (leaves(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(k, v)])
+    }
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p
+        for g in ("data", "model", "optimizer", "scheduler", "tracking")
+        for p in (PROJECT_ROOT / "conf" / g).glob("*.yaml")
+    ),
+)
+def test_group_options_state_only_what_differs_from_their_schema(path):
+    """Defaults are stated once, in the dataclasses: an option's YAML keeps a value only where it
+    differs from its schema (presets under experiment/ and hparams_search/ state their choices)."""
+    register_configs()
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    [schema_name] = [d for d in raw.pop("defaults", ["/schema/tracking/mlflow@_here_"]) if "schema" in d]
+    if path.parent.name == "tracking":  # @package _global_: mlflow.* keys against MLflowConfig
+        schema = {"mlflow": OmegaConf.to_container(OmegaConf.structured(MLflowConfig))}
+    else:
+        group, name = schema_name.split("@")[0].strip("/").split("/")[1:]
+        node = ConfigStore.instance().load(f"schema/{group}/{name}.yaml").node
+        schema = OmegaConf.to_container(node)
+    defaults = leaves(schema)
+    repeated = {k: v for k, v in leaves(raw).items() if k in defaults and defaults[k] == v}
+    assert not repeated, f"{path.name} repeats schema defaults: {repeated}"
+    assert set(leaves(raw)) <= set(defaults), f"{path.name}: keys the schema does not have"
