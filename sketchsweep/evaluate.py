@@ -39,7 +39,7 @@ from sketchsweep.data.load import is_synthetic, load_data
 from sketchsweep.data.views import Rows
 from sketchsweep.engine import DeviceError, pick_device
 from sketchsweep.evaluation import EvalError, evaluation_artifacts
-from sketchsweep.modelref import FORMS, SPLIT, ModelRef, ModelRefError
+from sketchsweep.modelref import PYTORCH_FORMS, SPLIT, ModelRef, ModelRefError
 
 # Everything that is the user's input being wrong: one line, exit code 2.
 BAD_INPUT = (EvalError, ModelRefError, DataError, DeviceError, HydraException, OmegaConfBaseException)
@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Examples:  %(prog)s outputs/2026-11-24/10-00-00   |   %(prog)s runs:/<run_id> --log   |   "
         "%(prog)s RUN data=quickdraw data.root=PATH 'data.classes=[cat,dog]'",
     )
-    parser.add_argument("model", help=FORMS.replace(", an .onnx", ""))
+    parser.add_argument("model", help=PYTORCH_FORMS)
     parser.add_argument(
         "overrides",
         nargs="*",

@@ -54,7 +54,7 @@ def _precision(precision: MixedPrecision | str | None, device: torch.device) -> 
 def as_rows(images: np.ndarray | torch.Tensor | Rows, labels=None, device: torch.device | str | None = None) -> Rows:
     """``images`` (uint8 ``(N, 784)``, NumPy or a tensor on any device) as ``Rows`` on ``device``."""
     if isinstance(images, Rows):
-        return images
+        return images if device is None else images.to(device)
     return Rows(images, None if labels is None else np.asarray(torch.as_tensor(labels).cpu()), device=device)
 
 

@@ -42,7 +42,7 @@ from sketchsweep.data.load import is_synthetic, synthetic_folder
 from sketchsweep.data.synthetic import SHAPES, draw_class
 from sketchsweep.data.views import Rows
 from sketchsweep.engine import infer, to_input
-from sketchsweep.modelref import BEST_WEIGHTS, FORMS, ONNX, ModelRef, ModelRefError
+from sketchsweep.modelref import BEST_WEIGHTS, ONNX, PYTORCH_FORMS, ModelRef, ModelRefError
 from sketchsweep.onnx_model import INPUT_CONTRACT, INPUT_NAME, OUTPUT_NAMES, open_session
 
 ATOL = 1e-4  # max |logit difference| allowed between ONNX Runtime and PyTorch
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a trained SketchCNN to ONNX (uint8 (N, 28, 28) in; logits and probabilities out), "
         "checked against PyTorch by ONNX Runtime.",
     )
-    parser.add_argument("model", help=FORMS.replace(", an .onnx", ""))
+    parser.add_argument("model", help=PYTORCH_FORMS)
     parser.add_argument(
         "--out",
         type=Path,

@@ -28,7 +28,9 @@ CLASSES = "classes.json"  # class names, in label order
 SPLIT = "split.npz"  # train/val/test row indices into the loaded data
 ONNX = "model.onnx"  # the best epoch exported (sketchsweep.export)
 
-FORMS = "a run folder, a checkpoint.pt or *.pth in one, an .onnx, runs:/<run_id> or models:/<name>/<version|@alias>"
+# What each command accepts, for help texts and errors.
+PYTORCH_FORMS = "a run folder, a checkpoint.pt or *.pth in one, runs:/<run_id> or models:/<name>/<version|@alias>"
+FORMS = PYTORCH_FORMS.replace("in one, ", "in one, an exported .onnx, ")
 
 
 class ModelRefError(ValueError):

@@ -5,6 +5,8 @@ Skipped without a CUDA device (CI has none). On a GPU box, `bash benchmarks/gpu.
 them; everything but the last test needs only torch, numpy and pytest.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,9 @@ def test_cuda_harness_run_resume_and_export(tiny_data, tmp_path, store):
     assert value > 0.5
     assert (resumed / "model.onnx").is_file()
     assert (resumed / "evaluation" / "confusion_matrix.csv").is_file()
+    # The evaluate command on the GPU, on the run's own split: the run's best validation accuracy.
+    from sketchsweep.evaluate import main as evaluate
+
+    assert evaluate([str(resumed), "--device", "cuda", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["eval_top1"] == pytest.approx(value, abs=0.02)  # bf16 autocast in both

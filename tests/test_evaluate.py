@@ -152,3 +152,15 @@ def test_pick_misclassified_spreads_over_classes():
     confidence = np.array([0.9, 0.8, 0.7, 0.9, 0.6, 0.5, 0.9])
     assert pick_misclassified(labels, predicted, confidence, 2).tolist() == [0, 4]
     assert pick_misclassified(labels, predicted, confidence, 10).tolist() == [0, 1, 2, 4, 5]
+
+
+def test_rows_go_to_the_device_evaluation_runs_on():
+    """Rows made where the data is (the CPU) are delivered to the device asked for (a GPU),
+    not left where they were made (no GPU needed to check the routing)."""
+    from sketchsweep.data.views import Rows
+    from sketchsweep.evaluation import as_rows
+
+    rows = Rows(np.zeros((4, 784), np.uint8), np.arange(4))
+    assert as_rows(rows, device="cuda").device == torch.device("cuda")
+    assert as_rows(rows).device == torch.device("cpu")
+    assert as_rows(np.zeros((2, 784), np.uint8), [0, 1], "cuda").device == torch.device("cuda")

@@ -230,6 +230,10 @@ class Rows:
     def device(self) -> torch.device:
         return self._device
 
+    def to(self, device: torch.device | str) -> Rows:
+        """The same rows, with batches delivered to ``device``."""
+        return Rows(self.images, self.labels, self.index, device)
+
     def take(self, positions: np.ndarray) -> torch.Tensor:
         """The images at ``positions`` of this view, as uint8 ``(len(positions), 784)`` on the device."""
         rows = np.asarray(positions, dtype=np.int64) if self.index is None else self.index[positions]
