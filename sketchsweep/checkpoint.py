@@ -3,6 +3,7 @@
 ``Checkpoint`` is ``checkpoint.pt``: one dict on disk (``torch.load(path, weights_only=True)``
 reads it) whose keys are its fields. Training writes it every epoch and reads it to resume;
 ``load_trained`` reads it (or a run's weights, or an MLflow run's) for evaluate, export and predict.
+Imports torch; MLflow only for ``runs:/`` and ``models:/`` references.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import numpy as np
 import torch
 import yaml  # PyYAML comes with omegaconf and mlflow
 
-from sketchsweep import store
 from sketchsweep.cli import one_line
+from sketchsweep.config import flatten
 from sketchsweep.data.views import Rows
 from sketchsweep.engine import infer
 from sketchsweep.model import SketchCNN
 from sketchsweep.modelref import BEST_WEIGHTS, CHECKPOINT, CLASSES, CONFIG, ModelRef, ModelRefError
-from sketchsweep.tracking import flatten
 
 MODEL_KEYS = ("width", "hidden", "dropout", "negative_slope")  # the model config's SketchCNN arguments
 
@@ -170,6 +170,8 @@ def load_trained(ref: str | Path | ModelRef) -> TrainedModel:
             f"{ref.path}: an ONNX export has no PyTorch weights; give the run folder, checkpoint or runs:/ it came from"
         )
     if ref.remote:
+        from sketchsweep import store  # MLflow: only for runs:/ and models:/
+
         with tempfile.TemporaryDirectory() as tmp:
             run_id = store.fetch_run_files(ref, (CONFIG, CLASSES, BEST_WEIGHTS), Path(tmp))
             trained = _from_weights(Path(tmp) / BEST_WEIGHTS, ref.text)

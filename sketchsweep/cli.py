@@ -22,6 +22,12 @@ INTERRUPTED = 130  # Ctrl-C or SIGTERM
 log = logging.getLogger("sketchsweep")
 
 
+class UserError(ValueError):
+    """Bad input: a file, key, argument or model reference that cannot be used. Every such error
+    derives from this one, so each command maps it to ``BAD_INPUT`` the same way; its message names
+    what is wrong and what was expected."""
+
+
 def redact(text: str) -> str:
     """Hide passwords in URLs: ``postgresql://user:secret@host`` -> ``postgresql://user:***@host``."""
     return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", text)
@@ -35,14 +41,18 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     return redact(f"{type(e).__name__}: {text}" if text else type(e).__name__)
 
 
-def fail(error: BaseException | str, code: int = BAD_INPUT) -> int:
-    """Print ``error: <message>`` as one line on stderr and return ``code`` for ``main`` to return.
-    An exception's own message is kept whole (ours name the file or key), with its cause when the
-    message does not already say it."""
+def message(error: BaseException | str) -> str:
+    """An error as one line, secrets masked. An exception's own message is kept whole (ours name the
+    file or key), with its cause when the message does not already say it."""
     if isinstance(error, BaseException):
         cause = error.__cause__
         error = f"{error}: {cause}" if cause is not None and str(cause) not in str(error) else str(error)
-    print(f"error: {redact(' '.join(error.split()))}", file=sys.stderr)
+    return redact(" ".join(error.split()))
+
+
+def fail(error: BaseException | str, code: int = BAD_INPUT) -> int:
+    """Print ``error: <message>`` on stderr and return ``code`` for ``main`` to return."""
+    print(f"error: {message(error)}", file=sys.stderr)
     return code
 
 

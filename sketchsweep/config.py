@@ -16,9 +16,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from sketchsweep import PROJECT_ROOT
+from sketchsweep.cli import UserError
+
+JOURNAL_DIR = PROJECT_ROOT / "mlruns" / "optuna"  # sweeps' default storage: <study>.journal here
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that composes but cannot be used (e.g. a bad trainer.resume path)."""
 
 
@@ -219,6 +222,18 @@ def register_configs() -> None:
         cs.store(group=f"schema/{group}", name=name, node=node)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"width": 64}} -> {"model.width": 64}; lists become their string form."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def saved_data_config(saved: dict[str, Any] | None) -> DictConfig:

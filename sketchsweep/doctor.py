@@ -29,8 +29,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sketchsweep import PROJECT_ROOT, cli
+from sketchsweep.config import JOURNAL_DIR
 
-DOCTOR_EXPERIMENT = "sketchsweep-doctor"
 KEYS = (
     "mlflow.tracking_uri",
     "mlflow.artifact_root",
@@ -231,7 +231,7 @@ def check_mlflow(report: Report, configured: str | None, artifact_root: str | No
 
 def check_optuna(report: Report, configured: str | None) -> None:
     """Open the sweeps' storage and create, use and delete a throwaway study in it."""
-    default_dir = PROJECT_ROOT / "mlruns" / "optuna"  # sweep.storage.JOURNAL_DIR, without importing optuna
+    default_dir = JOURNAL_DIR
     if configured is None:
         report.section(f"Optuna storage: journal files in {default_dir}  (default: one <study>.journal per study)")
     else:

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sketchsweep.cli import UserError
 from sketchsweep.data.views import Batch, Rows, Split, StreamingSplit
 
 View = Split | StreamingSplit | Rows
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """A device that cannot be used here (``cuda`` without a GPU)."""
 
 

@@ -32,17 +32,17 @@ from omegaconf.errors import OmegaConfBaseException
 from sketchsweep import PROJECT_ROOT, cli, store, tracking
 from sketchsweep.checkpoint import TrainedModel, load_trained
 from sketchsweep.config import register_configs, saved_data_config
-from sketchsweep.data import DataError, stratified_split
+from sketchsweep.data import stratified_split
 from sketchsweep.data.categories import class_key, suggest
 from sketchsweep.data.folder import select_files
 from sketchsweep.data.load import is_synthetic, load_data
 from sketchsweep.data.views import Rows
-from sketchsweep.engine import DeviceError, pick_device
+from sketchsweep.engine import pick_device
 from sketchsweep.evaluation import EvalError, evaluation_artifacts
 from sketchsweep.modelref import PYTORCH_FORMS, SPLIT, ModelRef, ModelRefError
 
-# Everything that is the user's input being wrong: one line, exit code 2.
-BAD_INPUT = (EvalError, ModelRefError, DataError, DeviceError, HydraException, OmegaConfBaseException)
+# The user's input being wrong, besides sketchsweep's own (cli.UserError): one line, exit code 2.
+BAD_INPUT = (cli.UserError, HydraException, OmegaConfBaseException, MlflowException, OSError)
 
 
 @dataclass
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (*BAD_INPUT, MlflowException, OSError) as e:
+    except BAD_INPUT as e:
         return cli.fail(e)
     return 0
 

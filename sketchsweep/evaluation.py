@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sketchsweep.cli import UserError
 from sketchsweep.data.views import Rows
 from sketchsweep.engine import MixedPrecision, infer, resolve_precision
 
@@ -32,7 +33,7 @@ N_PAIRS = 20
 N_MISCLASSIFIED = 64
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A problem with what was asked to evaluate (classes, splits, overrides)."""
 
 
@@ -52,10 +53,13 @@ def _precision(precision: MixedPrecision | str | None, device: torch.device) -> 
 
 
 def as_rows(images: np.ndarray | torch.Tensor | Rows, labels=None, device: torch.device | str | None = None) -> Rows:
-    """``images`` (uint8 ``(N, 784)``, NumPy or a tensor on any device) as ``Rows`` on ``device``."""
+    """``images`` (uint8 ``(N, 784)``, NumPy or a tensor on any device, or ``Rows``) with ``labels``
+    (None: the ``Rows``' own) as ``Rows`` delivering to ``device`` (None: where they are)."""
+    labels = None if labels is None else np.asarray(torch.as_tensor(labels).cpu())
     if isinstance(images, Rows):
-        return images if device is None else images.to(device)
-    return Rows(images, None if labels is None else np.asarray(torch.as_tensor(labels).cpu()), device=device)
+        labels = images.labels if labels is None else labels
+        return Rows(images.images, labels, images.index, device if device is not None else images.device)
+    return Rows(images, labels, device=device)
 
 
 def predict(
@@ -120,9 +124,9 @@ def evaluation_artifacts(
     - ``misclassified.png``: up to 64 misclassified drawings with their true and predicted class
     - ``metrics.json``: the returned metrics
 
-    Returns ``{eval_top1, eval_top3, eval_top5, eval_images}``. ``device``: the model's device
-    when None; ``precision``: fp32 when None, else ``auto``/``bf16``/... or an engine ``MixedPrecision``.
-    The model's train/eval mode is restored afterwards.
+    Returns ``{eval_top1, eval_top3, eval_top5, eval_images}``. ``device``: where the model runs
+    (None: the model's device), batches are moved there; ``precision``: fp32 when None, else
+    ``auto``/``bf16``/... or an engine ``MixedPrecision``. The model's train/eval mode is restored.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

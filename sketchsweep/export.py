@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from sketchsweep import cli
@@ -42,7 +43,7 @@ from sketchsweep.data.load import is_synthetic, synthetic_folder
 from sketchsweep.data.synthetic import SHAPES, draw_class
 from sketchsweep.data.views import Rows
 from sketchsweep.engine import infer, to_input
-from sketchsweep.modelref import BEST_WEIGHTS, ONNX, PYTORCH_FORMS, ModelRef, ModelRefError
+from sketchsweep.modelref import BEST_WEIGHTS, ONNX, PYTORCH_FORMS, ModelRef
 from sketchsweep.onnx_model import INPUT_CONTRACT, INPUT_NAME, OUTPUT_NAMES, open_session
 
 ATOL = 1e-4  # max |logit difference| allowed between ONNX Runtime and PyTorch
@@ -54,7 +55,7 @@ class ExportError(RuntimeError):
     """An export that did not produce a usable, verified .onnx file."""
 
 
-class ExportArgumentError(ExportError):
+class ExportArgumentError(ExportError, cli.UserError):
     """An --out that cannot be written or an --opset the exporter cannot target (CLI exit code 2)."""
 
 
@@ -256,12 +257,21 @@ def check_parity(
     return diff, agree, len(x)
 
 
+def _data_root(config: dict) -> str | Path | None:
+    """Where the run read its data (None when its config does not say, or no longer reads)."""
+    if not config.get("data"):
+        return None
+    try:
+        data = saved_data_config(config)
+    except OmegaConfBaseException:  # a config from another version: the check draws sketches instead
+        return None
+    return synthetic_folder(data) if is_synthetic(data) else data.root
+
+
 def sample_real_images(trained: TrainedModel, per_class: int = 2, max_classes: int = 16) -> tuple[np.ndarray, str]:
     """A few drawings to check parity on: the run's own data files when they are still where the
     run read them, else synthetic sketches (sketch-like, unlike random pixels)."""
-    data = saved_data_config(trained.config)
-    root = synthetic_folder(data) if is_synthetic(data) else data.root
-    rows = []
+    rows, root = [], _data_root(trained.config)
     if root and Path(root).is_dir():
         wanted = {class_key(c) for c in trained.class_names[:max_classes]}
         try:
@@ -317,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = load_trained(ref)
         real, where = sample_real_images(trained)
         report = export_onnx(trained, out, opset=args.opset, real_images=real)
-    except (ModelRefError, ExportArgumentError) as e:
+    except cli.UserError as e:  # a bad reference, --out or --opset
         return cli.fail(e)
     except ExportError as e:
         return cli.fail(f"export failed, nothing written to {out}: {e}", cli.FAILURE)

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sketchsweep.cli import UserError
+
 # What a training run's folder holds (sketchsweep.train writes them; its MLflow run has the same artifacts).
 CHECKPOINT = "checkpoint.pt"  # resumable: sketchsweep.checkpoint.Checkpoint
 FINAL_WEIGHTS = "model_weights.pth"  # the last epoch's state_dict, as the seed saved it
@@ -33,7 +35,7 @@ PYTORCH_FORMS = "a run folder, a checkpoint.pt or *.pth in one, runs:/<run_id> o
 FORMS = PYTORCH_FORMS.replace("in one, ", "in one, an exported .onnx, ")
 
 
-class ModelRefError(ValueError):
+class ModelRefError(UserError):
     """A model reference that does not lead to a usable trained model."""
 
 

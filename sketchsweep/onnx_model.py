@@ -8,6 +8,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from sketchsweep.cli import UserError
+
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
 INPUT_CONTRACT = (
@@ -17,7 +19,7 @@ INPUT_CONTRACT = (
 )
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError):
     """An .onnx file that cannot be used as a sketchsweep model."""
 
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from sketchsweep import cli
 from sketchsweep.data import DataError
 from sketchsweep.data.folder import as_uint8
-from sketchsweep.modelref import FORMS, ModelRef, ModelRefError
+from sketchsweep.modelref import FORMS, ModelRef
 from sketchsweep.onnx_model import INPUT_NAME, ModelFileError, class_names, open_session
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-k must be at least 1")
     try:
         predictor = Predictor(args.model)
-    except (ModelFileError, ModelRefError) as e:
+    except cli.UserError as e:  # ModelFileError, ModelRefError
         return cli.fail(e)
     k = min(args.top_k, len(predictor.class_names))
     failed = 0

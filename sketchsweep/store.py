@@ -69,7 +69,7 @@ def fetch_run_files(ref: ModelRef, names: Iterable[str], dst: Path) -> str:
 def hard_delete(client: MlflowClient, run_id: str | None = None, experiment_id: str | None = None) -> bool:
     """Remove an already deleted run or experiment for good, as ``mlflow gc`` does; False where the
     store keeps deleted ones (a tracking server). MLflow has no public API for it: this is the one
-    place that calls its store's private methods (tests/test_tracking.py fails if they go away)."""
+    place that calls its store's private methods (tests/test_modelref.py fails if they go away)."""
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     if not (hasattr(store, "_hard_delete_run") and hasattr(store, "_hard_delete_experiment")):
         return False

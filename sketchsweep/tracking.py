@@ -29,11 +29,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sketchsweep import PROJECT_ROOT
+from sketchsweep.cli import UserError
 
 log = logging.getLogger("sketchsweep")
 
 
-class TrackingError(ValueError):
+class TrackingError(UserError):
     """An MLflow store that cannot be used (a tracking server that cannot be reached)."""
 
 
@@ -98,18 +99,6 @@ def setup_experiment(uri: str, experiment_name: str, artifact_root: str | None) 
         if exp is None:
             raise
         return exp.experiment_id
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"width": 64}} -> {"model.width": 64}; lists become their string form."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
@@ -219,24 +208,25 @@ class Outbox:
 
 
 class Run:
-    """One MLflow run. Use as a context manager: it ends FINISHED on success, KILLED on
-    Ctrl-C/SIGTERM and FAILED (with the traceback as ``error.txt``) on any other exception.
-    Metrics and tags go through an ``Outbox``, so a tracking server's outage does not stop training;
-    artifacts are skipped while it is down (the run folder keeps them)."""
+    """One MLflow run, started when its ``with`` block is entered (inside the signal handling that
+    keeps its writes whole). It ends FINISHED on success, KILLED on Ctrl-C/SIGTERM and FAILED
+    (with the traceback as ``error.txt``) on any other exception. Metrics and tags go through an
+    ``Outbox``, so a tracking server's outage does not stop training; artifacts are skipped while
+    it is down (the run folder keeps them)."""
 
     def __init__(self, uri: str, experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str]):
-        self.uri = uri
-        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
-        self.id = self.run.info.run_id
+        self.uri, self.experiment_id, self.name, self.params, self.tags = uri, experiment_id, name, params, tags
         self.run_dir = Path(tags["sketchsweep.run_dir"]) if "sketchsweep.run_dir" in tags else None
-        self.outbox = Outbox(MlflowClient(uri), self.id, uri)
+
+    def __enter__(self) -> Run:
+        self.run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.name, tags=self.tags)
+        self.id = self.run.info.run_id
+        self.outbox = Outbox(MlflowClient(self.uri), self.id, self.uri)
         try:
-            mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
+            mlflow.log_params({k: ("null" if v is None else v) for k, v in self.params.items()})
         except BaseException:  # never leave an active run behind: the next trial in this process could not start
             mlflow.end_run("FAILED")
             raise
-
-    def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -5,9 +5,9 @@
     python -m sketchsweep.train data=quickdraw data.root=PATH model.width=128
     python -m sketchsweep.train -m optimizer=adam,sgd            # a Hydra multirun
 
-``train`` is the recipe's table of contents: ``setup`` builds every piece from the config (each
-``_setup_*`` returns one), ``open_run`` starts the MLflow run, ``fit`` is the epoch loop and
-``finish`` saves and reports what the run keeps. It returns the objective (``trainer.objective``
+``train`` is the recipe's table of contents: ``setup`` builds every piece from the config (one
+object each, checked before anything is written), ``open_run`` prepares the MLflow run, ``fit`` is
+the epoch loop and ``finish`` saves and reports what the run keeps. It returns the objective (``trainer.objective``
 at the run's best epoch; in a sweep, the values of ``sweep.objectives``) for sweepers.
 """
 
@@ -21,7 +21,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ from torch import nn
 
 from sketchsweep import cli, engine, tracking
 from sketchsweep.checkpoint import Checkpoint, CheckpointError, TrainedModel, save_atomic
-from sketchsweep.config import SWEEP_OBJECTIVES, VAL_METRICS, ConfigError, register_configs
-from sketchsweep.data import DataError, Dataset, stratified_split
+from sketchsweep.config import SWEEP_OBJECTIVES, VAL_METRICS, ConfigError, flatten, register_configs
+from sketchsweep.data import Dataset, stratified_split
 from sketchsweep.data.load import Placement, load_data
 from sketchsweep.evaluation import evaluation_artifacts
 from sketchsweep.export import export_onnx
@@ -45,17 +45,8 @@ from sketchsweep.model import SketchCNN, count_parameters
 from sketchsweep.modelref import BEST_WEIGHTS, CHECKPOINT, CLASSES, CONFIG, FINAL_WEIGHTS, ONNX, SPLIT
 from sketchsweep.sweep.link import TrialLink
 from sketchsweep.sweep.parent import PARENT_RUN_ENV
-from sketchsweep.sweep.storage import StorageError
 
 log = logging.getLogger("sketchsweep")
-
-
-@dataclass
-class Progress:
-    """What the epochs so far have produced (restored from the checkpoint when resuming)."""
-
-    history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
-    best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "value": None, "model": None})
 
 
 @dataclass
@@ -79,7 +70,8 @@ class Recipe:
     precision: engine.MixedPrecision
     shuffle: torch.Generator  # the data order; checkpointed with the run
     augment: Callable[[torch.Tensor], torch.Tensor] | None
-    progress: Progress
+    history: list[dict[str, float]]  # every epoch's metrics so far (a resumed run's from its checkpoint)
+    best: dict[str, Any]  # the best epoch by trainer.objective: epoch, value, model (its weights)
     resumed: Checkpoint | None
     link: TrialLink | None  # this job's Optuna trial, in a sweep
 
@@ -88,7 +80,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     """Train per ``cfg``, writing the run's files to ``run_dir`` and logging to MLflow."""
     recipe = setup(cfg, Path(run_dir).resolve())
     try:
-        with cli.held_signals() as signals, open_run(recipe, overrides) as run:
+        run = open_run(recipe, overrides)
+        # From here a signal waits for the write in progress (the run starts inside): see cli.Signals.
+        with cli.held_signals() as signals, run:
             pruned_at = fit(recipe, run, signals)
             summary = finish(recipe, run, pruned_at)
         return objective_values(recipe, summary)
@@ -105,8 +99,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
 def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     t = cfg.trainer
     _check(cfg)
+    link = TrialLink.of(cfg.sweep)
     device = engine.pick_device(t.device.value)
     data = load_data(cfg.data, device)
+    resumed = _load_checkpoint(t.resume, data.class_names)
     train_idx, val_idx, test_idx = stratified_split(
         data.labels, data.class_names, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.test_fraction
     )
@@ -117,9 +113,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     fused = engine.optimizer_options(cfg.optimizer._target_, device)
     optimizer = instantiate(cfg.optimizer, params=model.parameters(), **fused)
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer)
-    resumed, progress = _resume(
-        t.resume, data.class_names, model, optimizer, scheduler, precision.scaler, shuffle, device
-    )
+    history, best = _restore(resumed, model, optimizer, scheduler, precision.scaler, shuffle, device)
     placement = Placement(data, device, cfg.data.stream_order.value)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = Recipe(
@@ -140,11 +134,14 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
         precision=precision,
         shuffle=shuffle,
         augment=_setup_augment(cfg.data.augment),
-        progress=progress,
+        history=history,
+        best=best,
         resumed=resumed,
-        link=TrialLink.of(cfg.sweep),
+        link=link,
     )
-    _write_run_files(recipe)
+    (run_dir / CONFIG).write_text(OmegaConf.to_yaml(recipe.resolved))
+    (run_dir / CLASSES).write_text(json.dumps(data.class_names, indent=1) + "\n")
+    np.savez_compressed(run_dir / SPLIT, **recipe.splits)  # rows of the loaded data: classes sorted, files in order
     return recipe
 
 
@@ -160,22 +157,32 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"sweep objective(s) {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
 
 
-def _resume(path: str | None, class_names: list[str], *pieces) -> tuple[Checkpoint | None, Progress]:
-    """``trainer.resume``'s checkpoint, checked against the data, restored into ``pieces`` (model,
-    optimizer, scheduler, scaler, shuffle, device), and the epochs it had done."""
+def _load_checkpoint(path: str | None, class_names: list[str]) -> Checkpoint | None:
+    """``trainer.resume``'s checkpoint, checked against the data it is to continue on."""
     if not path:
-        return None, Progress()
+        return None
     try:
         ckpt = Checkpoint.load(path)
-        if ckpt.class_names != class_names:
-            raise CheckpointError(
-                f"the checkpoint's classes {ckpt.class_names} differ from the data's {class_names}; "
-                "resume with the data config it was trained on"
-            )
+    except CheckpointError as e:
+        raise ConfigError(f"trainer.resume: {e}") from None
+    if ckpt.class_names != class_names:
+        raise ConfigError(
+            f"trainer.resume: the checkpoint's classes {ckpt.class_names} differ from the data's {class_names}; "
+            "resume with the data config it was trained on"
+        )
+    return ckpt
+
+
+def _restore(ckpt: Checkpoint | None, *pieces) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """The checkpoint restored into ``pieces`` (model, optimizer, scheduler, scaler, shuffle,
+    device); the history and best epoch it had."""
+    if ckpt is None:
+        return [], {"epoch": 0, "value": None, "model": None}
+    try:
         ckpt.restore(*pieces)
     except CheckpointError as e:
         raise ConfigError(f"trainer.resume: {e}") from None
-    return ckpt, Progress(ckpt.history, ckpt.best)
+    return ckpt.history, ckpt.best
 
 
 def _setup_augment(aug) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -186,18 +193,12 @@ def _setup_augment(aug) -> Callable[[torch.Tensor], torch.Tensor] | None:
     )
 
 
-def _write_run_files(r: Recipe) -> None:
-    (r.run_dir / CONFIG).write_text(OmegaConf.to_yaml(r.resolved))
-    (r.run_dir / CLASSES).write_text(json.dumps(r.data.class_names, indent=1) + "\n")
-    # Indices into the loaded data (classes in sorted order, rows in file order).
-    np.savez_compressed(r.run_dir / SPLIT, **r.splits)
-
-
 # -- the MLflow run ----------------------------------------------------------------------------
 
 
 def open_run(r: Recipe, overrides: list[str] | tuple[str, ...]) -> tracking.Run:
-    """The run's MLflow run: its params (the whole resolved config), tags and parent."""
+    """The run's MLflow run, to start with ``with``: its experiment, name, params (the whole
+    resolved config), tags and parent."""
     cfg, sw = r.cfg, r.cfg.sweep
     if r.resumed is not None:  # a changed recipe means the result is no longer one uninterrupted run
         for key, now, then in r.resumed.changed_settings(r.resolved):
@@ -216,7 +217,7 @@ def open_run(r: Recipe, overrides: list[str] | tuple[str, ...]) -> tracking.Run:
     }
     if r.resumed is not None:
         tags["sketchsweep.resumed_from"] = str(Path(cfg.trainer.resume).resolve())
-        tags["sketchsweep.resumed_at_epoch"] = str(len(r.progress.history))
+        tags["sketchsweep.resumed_at_epoch"] = str(len(r.history))
         tags["sketchsweep.resumed_from_run"] = str(r.resumed.mlflow_run_id)
     log.info(
         "%d classes, %d train / %d val images, %s, SketchCNN width %d (%s parameters)",
@@ -224,7 +225,7 @@ def open_run(r: Recipe, overrides: list[str] | tuple[str, ...]) -> tracking.Run:
         f"{r.num_parameters:,}",
     )
     name = f"trial-{sw.trial_number}" if r.link else tracking.run_name(overrides)
-    return tracking.Run(uri, experiment_id, name, tracking.flatten(r.resolved), tags)
+    return tracking.Run(uri, experiment_id, name, flatten(r.resolved), tags)
 
 
 # -- fit: the epoch loop -----------------------------------------------------------------------
@@ -233,12 +234,12 @@ def open_run(r: Recipe, overrides: list[str] | tuple[str, ...]) -> tracking.Run:
 def fit(r: Recipe, run: tracking.Run, signals: cli.Signals) -> int | None:
     """Train, evaluate, checkpoint and log every epoch; in a sweep, report to the pruner. Returns
     the epoch a pruned trial stopped after (None: every epoch ran)."""
-    t, progress = r.cfg.trainer, r.progress
+    t = r.cfg.trainer
     objective = t.objective.value
     objectives = list(r.cfg.sweep.objectives or [])
-    for epoch, metrics in enumerate(progress.history, start=1):  # a resumed run carries the whole curve
+    for epoch, metrics in enumerate(r.history, start=1):  # a resumed run carries the whole curve
         run.log_metrics(metrics, step=epoch)
-    for epoch in range(len(progress.history) + 1, t.epochs + 1):
+    for epoch in range(len(r.history) + 1, t.epochs + 1):
         lr = r.optimizer.param_groups[0]["lr"]
         # A signal stops the compute at once; from here to the next epoch it waits for the writes.
         with (
@@ -253,16 +254,16 @@ def fit(r: Recipe, run: tracking.Run, signals: cli.Signals) -> int | None:
             metrics |= engine.evaluate(r.net, r.val_split, t.eval_batch_size, precision=r.precision)
         metrics["lr"] = lr
         r.scheduler.step()
-        progress.history.append(metrics)
-        if is_better(metrics[objective], progress.best["value"], objective):
+        r.history.append(metrics)
+        if is_better(metrics[objective], r.best["value"], objective):
             weights = {k: v.detach().to("cpu", copy=True) for k, v in r.model.state_dict().items()}
-            progress.best = {"epoch": epoch, "value": metrics[objective], "model": weights}
+            r.best = {"epoch": epoch, "value": metrics[objective], "model": weights}
         ckpt = Checkpoint.capture(
             *(r.model, r.optimizer, r.scheduler, r.precision.scaler, r.shuffle, r.device),
             epoch=epoch,
             class_names=r.data.class_names,
-            history=progress.history,
-            best=progress.best,
+            history=r.history,
+            best=r.best,
             config=r.resolved,
             mlflow_run_id=run.id,
         )
@@ -294,7 +295,7 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None) -> dict[str, flo
     """Save the last and best epochs' weights, score the test split once with the kept (best)
     weights, log the summary and files, and for a run that was not pruned its evaluation and
     models. Returns the summary metrics."""
-    t, history, best = r.cfg.trainer, r.progress.history, r.progress.best
+    t, history, best = r.cfg.trainer, r.history, r.best
     final, at_best = history[-1], history[best["epoch"] - 1]
     summary = {"best_epoch": best["epoch"]}
     summary |= {f"best_{k}": at_best[k] for k in VAL_METRICS} | {f"final_{k}": final[k] for k in VAL_METRICS}
@@ -356,8 +357,8 @@ def objective_values(r: Recipe, summary: dict[str, float]) -> float | tuple[floa
     the values of ``sweep.objectives`` in order (one float for one objective)."""
     objectives = list(r.cfg.sweep.objectives or [])
     if not objectives:
-        return float(r.progress.best["value"])
-    at_best = r.progress.history[r.progress.best["epoch"] - 1]
+        return float(r.best["value"])
+    at_best = r.history[r.best["epoch"] - 1]
     outcome = {k: at_best[k] for k in VAL_METRICS} | summary | {"num_parameters": float(r.num_parameters)}
     values = tuple(float(outcome[o]) for o in objectives)
     return values[0] if len(values) == 1 else values
@@ -374,14 +375,12 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
     run_dir = Path(hc.runtime.output_dir)
     try:
         return train(cfg, run_dir, list(hc.overrides.task))
-    except (DataError, ConfigError, engine.DeviceError, tracking.TrackingError, StorageError) as e:
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # let the sweeper record this job as failed
-        log.error("%s", cli.redact(" ".join(str(e).split())))
-        sys.exit(cli.BAD_INPUT)
     except Exception as e:
-        # The sweeper keeps the exception of a failed trial; drop the frames' locals (model,
-        # optimizer, data on the GPU) so the next trial starts with the memory free.
+        if isinstance(e, cli.UserError) and hc.mode != RunMode.MULTIRUN:
+            log.error("%s", cli.message(e))
+            sys.exit(cli.BAD_INPUT)
+        # The sweeper keeps a failed trial's exception: drop its frames' locals (model, optimizer,
+        # data on the GPU) so the next trial starts with the memory free.
         traceback.clear_frames(e.__traceback__)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -18,15 +18,13 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial
 
-from sketchsweep import PROJECT_ROOT
-from sketchsweep.cli import check_folder, redact
+from sketchsweep.cli import UserError, check_folder, redact
+from sketchsweep.config import JOURNAL_DIR
 
 log = logging.getLogger("sketchsweep.sweeper")
 
-JOURNAL_DIR = PROJECT_ROOT / "mlruns" / "optuna"  # the default: <study>.journal here
 
-
-class StorageError(ValueError):
+class StorageError(UserError):
     """A storage URL that cannot be used: a missing driver or a database that cannot be reached."""
 
 

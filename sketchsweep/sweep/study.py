@@ -188,7 +188,7 @@ class Sweep:
                 # The rest is running on other workers: stay, to take over their trials if they die.
                 time.sleep(min(2.0, s.heartbeat_interval))
                 continue
-            self.in_flight = self._ask(study, space, min(s.n_jobs, free))
+            self._ask(study, space, min(s.n_jobs, free))
             if not self.in_flight:
                 continue
             overrides = [self._overrides(t, fixed) for t in self.in_flight]
@@ -198,17 +198,18 @@ class Sweep:
             self._tell(study, returns)
             self.in_flight = []
 
-    def _ask(self, study: optuna.Study, space: dict[str, BaseDistribution], n: int) -> list[optuna.Trial]:
-        trials = []
+    def _ask(self, study: optuna.Study, space: dict[str, BaseDistribution], n: int) -> None:
+        """Ask up to ``n`` trials into ``in_flight``, each as soon as it is asked: a sweep stopped
+        while asking fails the ones it has (they would stay RUNNING)."""
         for _ in range(n):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize": it is, here
                 trial = study.ask(space)
+            self.in_flight.append(trial)
             if self.shared:
                 self.storage.record_heartbeat(trial_id(study, trial.number))
-            if not self._surplus(study, trial):
-                trials.append(trial)
-        return trials
+            if self._surplus(study, trial):
+                self.in_flight.remove(trial)
 
     def _tell(self, study: optuna.Study, returns: Sequence[JobReturn]) -> None:
         for trial, ret in zip(self.in_flight, returns, strict=True):

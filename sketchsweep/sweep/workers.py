@@ -22,6 +22,7 @@ import time
 
 from sketchsweep import cli
 from sketchsweep.sweep import WORKER_ENV
+from sketchsweep.sweep.storage import is_database
 
 STOP_TIMEOUT = 120  # seconds a worker gets to stop cleanly before it is killed
 
@@ -38,7 +39,7 @@ def parse(argv: list[str]) -> tuple[list[tuple[str, dict[str, str]]], list[str]]
     if "-m" not in args and "--multirun" not in args:
         parser.error("expected a sweep after --, e.g. -- -m hparams_search=lr_width hydra.sweeper.storage=...")
     storage = [a.split("=", 1)[1] for a in args if a.startswith("hydra.sweeper.storage=")]
-    if not storage or "://" not in storage[-1]:
+    if not storage or not is_database(storage[-1]):
         parser.error(
             "hydra.sweeper.storage: expected a database URL shared by the workers, e.g. "
             "hydra.sweeper.storage=postgresql+psycopg://user@host/optuna (a .journal file has no heartbeat, so "
