@@ -19,9 +19,7 @@ STAMP := $(VENV)/.sketchsweep-installed
 
 venv: $(STAMP)
 
-# sketchsweep/__init__.py: an editable install made while sketchsweep was a namespace package
-# must be redone to see it.
-$(STAMP): pyproject.toml sketchsweep/__init__.py
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install "$(TORCH)"
 	$(BIN)/python -m pip install -e ".[dev]"

@@ -15,10 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from sketchsweep import PROJECT_ROOT
 from sketchsweep.cli import UserError
-
-JOURNAL_DIR = PROJECT_ROOT / "mlruns" / "optuna"  # sweeps' default storage: <study>.journal here
+from sketchsweep.paths import PROJECT_ROOT
 
 
 class ConfigError(UserError):

@@ -28,8 +28,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sketchsweep import PROJECT_ROOT, cli
-from sketchsweep.config import JOURNAL_DIR
+from sketchsweep import cli
+from sketchsweep.paths import JOURNAL_DIR, PROJECT_ROOT
 
 KEYS = (
     "mlflow.tracking_uri",

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sketchsweep import PROJECT_ROOT, cli, store, tracking
+from sketchsweep import cli, store, tracking
 from sketchsweep.checkpoint import TrainedModel, load_trained
 from sketchsweep.config import register_configs, saved_data_config
 from sketchsweep.data import stratified_split
@@ -40,6 +40,7 @@ from sketchsweep.data.views import Rows
 from sketchsweep.engine import pick_device
 from sketchsweep.evaluation import EvalError, evaluation_artifacts
 from sketchsweep.modelref import PYTORCH_FORMS, SPLIT, ModelRef, ModelRefError
+from sketchsweep.paths import PROJECT_ROOT
 
 # The user's input being wrong, besides sketchsweep's own (cli.UserError): one line, exit code 2.
 BAD_INPUT = (cli.UserError, HydraException, OmegaConfBaseException, MlflowException, OSError)

@@ -28,8 +28,8 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sketchsweep import PROJECT_ROOT
 from sketchsweep.cli import UserError
+from sketchsweep.paths import MLRUNS, PROJECT_ROOT
 
 log = logging.getLogger("sketchsweep")
 
@@ -40,7 +40,7 @@ class TrackingError(UserError):
 
 def tracking_uri(configured: str | None) -> str:
     """``mlflow.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the project's SQLite store."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
 
 
 def is_server(uri: str) -> bool:

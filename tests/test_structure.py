@@ -14,7 +14,7 @@ PACKAGES = ("sketchsweep", "hydra_plugins")
 # Each module's layer; a module imports only from layers below its own, or from its own layer
 # where the layer allows it (core and services are built of each other; entry points are not).
 CORE, SERVICE, ENTRY, TOP = 1, 2, 3, 4
-LEAVES = {"sketchsweep", "sketchsweep.cli"}  # PROJECT_ROOT; exit codes and signals: standard library only
+LEAVES = {"sketchsweep.cli", "sketchsweep.paths"}  # exit codes, signals; default locations: standard library only
 LAYERS = {
     "sketchsweep.model": CORE,
     "sketchsweep.engine": CORE,

@@ -273,22 +273,44 @@ def test_range_is_an_ordered_stepped_distribution_over_hydras_own_values():
     assert {t.params["a"] for t in study.trials} <= {64, 128, 192, 256}
 
 
-def test_a_range_sweep_runs_on_the_grid_sampler(tiny_data, tmp_path):
+def test_a_grid_sweep_runs_each_point_once_and_stops(tiny_data, tmp_path):
+    """n_trials (20 by default) larger than the grid: the study's total is the grid's size; the grid
+    sampler's stop() at the last point is not a failed trial, and no point runs twice."""
     proc = train_cli(
-        sweep_args(
-            tiny_data,
-            tmp_path,
-            "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.sampler=grid",
-            "trainer.epochs=1",
-            "model.width=range(4, 9, 4)",
-        ),
+        sweep_args(tiny_data, tmp_path, "hydra.sweeper.sampler=grid", "trainer.epochs=1", "model.width=range(4, 9, 4)"),
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "failed" not in out and "the grid has 2 points" in out
     study = load(tmp_path)
     assert sorted(t.params["model.width"] for t in study.trials) == [4, 8]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert study.trials[0].distributions["model.width"].step == 4
+
+
+def test_a_bad_sweep_setting_is_one_line_with_exit_code_2(tiny_data, tmp_path):
+    proc = train_cli(
+        sweep_args(tiny_data, tmp_path, "hydra.sweeper.sampler=grid", "optimizer.lr=interval(0.001, 0.01)"),
+        cwd=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "hydra.sweeper.sampler=grid: optimizer.lr must be choice(...) or range(...)" in out
+    assert "Traceback" not in out
+
+
+def test_a_later_override_replaces_an_earlier_one():
+    """The command line's overrides replace a preset's params: a key fixed there is no longer
+    searched (else the study would record values the trials never trained with), and vice versa."""
+    from optuna.distributions import CategoricalDistribution
+
+    from sketchsweep.sweep.space import search_space
+
+    space, fixed = search_space(["trainer.batch_size=choice(128, 256)", "optimizer=choice(adam, sgd)", "optimizer=sgd"])
+    assert space == {"trainer.batch_size": CategoricalDistribution([128, 256])} and fixed == {"optimizer": "sgd"}
+    space, fixed = search_space(["trainer.batch_size=64", "trainer.batch_size=choice(32, 64)"])
+    assert space == {"trainer.batch_size": CategoricalDistribution([32, 64])} and fixed == {}
 
 
 def test_delete_overrides_reach_every_trial_as_written(tiny_data, tmp_path):

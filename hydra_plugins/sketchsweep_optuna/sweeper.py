@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from hydra.core.plugins import Plugins
@@ -12,7 +15,20 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from sketchsweep import cli
 from sketchsweep.sweep.study import Sweep, read_settings
+
+log = logging.getLogger("sketchsweep.sweeper")
+
+
+@contextlib.contextmanager
+def _bad_input() -> Iterator[None]:
+    """A bad sweep setting or storage is one line and exit code 2, not Hydra's traceback."""
+    try:
+        yield
+    except cli.UserError as e:
+        log.error("%s", cli.message(e))
+        sys.exit(cli.BAD_INPUT)
 
 
 class OptunaSweeper(Sweeper):
@@ -28,7 +44,8 @@ class OptunaSweeper(Sweeper):
         self.job_idx = 0
 
     def sweep(self, arguments: list[str]) -> None:
-        Sweep(self.conf, self.config, self._launch).run(arguments)
+        with _bad_input():
+            Sweep(self.conf, self.config, self._launch).run(arguments)
 
     def _launch(self, overrides: list[Sequence[str]]) -> Sequence[JobReturn]:
         self.validate_batch_is_legal(overrides)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sketchsweep import PROJECT_ROOT
+from sketchsweep.paths import SYNTHETIC_CACHE
 from sketchsweep.data.errors import DataError
 from sketchsweep.data.folder import Dataset, class_labels, load_folder, open_class_file, select_files
 from sketchsweep.data.stream import RowReader
@@ -38,7 +38,7 @@ def synthetic_folder(cfg) -> Path:
     """The cache folder of ``data=synthetic``: under ``data.root``, else ``<project>/data/synthetic``,
     one folder per generator setting."""
     s = cfg.synthetic
-    return cache_folder(cfg.root or PROJECT_ROOT / "data" / "synthetic", s.num_classes, s.per_class, s.seed)
+    return cache_folder(cfg.root or SYNTHETIC_CACHE, s.num_classes, s.per_class, s.seed)
 
 
 def data_folder(cfg) -> Path:

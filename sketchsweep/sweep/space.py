@@ -8,10 +8,14 @@ samplers and pruners that explore it.
                                  Hydra's own range gives (stop excluded): ordered, so TPE sees it
     choice(a, b, ...)            CategoricalDistribution (so is shuffle(range(...)))
     key=value, +key=value, ~key  fixed overrides, passed to every trial as written
+
+A later override of a key replaces an earlier one, sweep or fixed: the command line's overrides
+replace a preset's ``params`` (a key fixed on the command line is no longer searched).
 """
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any
 
@@ -19,6 +23,8 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from sketchsweep.cli import UserError
 
 
 class Sampler(str, Enum):
@@ -61,7 +67,7 @@ Fixed = dict[str, "str | None"]  # key element (with its +/~ prefix) -> value as
 def make_pruner(name: str, kwargs: dict[str, Any] | None = None) -> optuna.pruners.BasePruner:
     name = str(getattr(name, "value", name))
     if name not in PRUNERS:
-        raise ValueError(f"hydra.sweeper.pruner={name}: expected one of {sorted(PRUNERS)}")
+        raise UserError(f"hydra.sweeper.pruner={name}: expected one of {sorted(PRUNERS)}")
     return PRUNERS[name](**(kwargs or {}))
 
 
@@ -75,7 +81,7 @@ def make_sampler(
     """The sampler ``name`` with its arguments; ``shared``: other workers sample the same study."""
     name = str(getattr(name, "value", name))
     if name not in SAMPLERS:
-        raise ValueError(f"hydra.sweeper.sampler={name}: expected one of {sorted(SAMPLERS)}")
+        raise UserError(f"hydra.sweeper.sampler={name}: expected one of {sorted(SAMPLERS)}")
     kwargs = dict(kwargs or {})
     if seed is not None:
         kwargs.setdefault("seed", seed)
@@ -95,7 +101,7 @@ def grid_values(name: str, d: BaseDistribution) -> list[Any]:
         return [
             d.low + i * d.step if isinstance(d, IntDistribution) else round(d.low + i * d.step, 12) for i in range(n)
         ]
-    raise ValueError(f"hydra.sweeper.sampler=grid: {name} must be choice(...) or range(...)")
+    raise UserError(f"hydra.sweeper.sampler=grid: {name} must be choice(...) or range(...)")
 
 
 def distribution(override: Override) -> BaseDistribution | str | None:
@@ -114,13 +120,13 @@ def distribution(override: Override) -> BaseDistribution | str | None:
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ValueError(f"hydra.sweeper.params: {override.input_line} is not a search space Optuna can sample")
+    raise UserError(f"hydra.sweeper.params: {override.input_line} is not a search space Optuna can sample")
 
 
 def _stepped(override: Override, r: RangeSweep) -> IntDistribution | FloatDistribution:
     values = list(override.sweep_iterator())
     if not values:
-        raise ValueError(f"hydra.sweeper.params: {override.input_line} is an empty range")
+        raise UserError(f"hydra.sweeper.params: {override.input_line} is an empty range")
     step = abs(r.step)
     if all(isinstance(v, int) for v in (r.start, r.stop, r.step)):
         return IntDistribution(min(values), max(values), step=step)
@@ -133,12 +139,18 @@ def search_space(arguments: list[str]) -> tuple[dict[str, BaseDistribution], Fix
     space: dict[str, BaseDistribution] = {}
     fixed: Fixed = {}
     for override in OverridesParser.create().parse_overrides(arguments):
-        value = distribution(override)
+        key, value = override.get_key_element(), distribution(override)
+        space.pop(key, None), fixed.pop(key, None)  # the later override wins (the command line over a preset)
         if isinstance(value, BaseDistribution):
-            space[override.get_key_element()] = value
+            space[key] = value
         else:
-            fixed[override.get_key_element()] = value
+            fixed[key] = value
     return space, fixed
+
+
+def grid_size(space: dict[str, BaseDistribution]) -> int:
+    """How many points the grid sampler has in ``space``."""
+    return math.prod(len(grid_values(k, d)) for k, d in space.items())
 
 
 def as_overrides(values: dict[str, Any]) -> list[str]:

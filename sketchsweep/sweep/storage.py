@@ -19,7 +19,7 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial
 
 from sketchsweep.cli import UserError, check_folder, redact
-from sketchsweep.config import JOURNAL_DIR
+from sketchsweep.paths import JOURNAL_DIR
 
 log = logging.getLogger("sketchsweep.sweeper")
 

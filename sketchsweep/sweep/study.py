@@ -25,11 +25,21 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from sketchsweep.cli import redact
+from sketchsweep.cli import UserError, redact
 from sketchsweep.config import SWEEP_OBJECTIVES
 from sketchsweep.sweep import WORKER_ENV
 from sketchsweep.sweep.parent import SweepRun
-from sketchsweep.sweep.space import PRUNERS, SAMPLERS, Fixed, Pruner, Sampler, as_overrides, make_pruner, make_sampler
+from sketchsweep.sweep.space import (
+    PRUNERS,
+    SAMPLERS,
+    Fixed,
+    Pruner,
+    Sampler,
+    as_overrides,
+    grid_size,
+    make_pruner,
+    make_sampler,
+)
 from sketchsweep.sweep.space import search_space as parse_space
 from sketchsweep.sweep.storage import JOURNAL_DIR, Heartbeat, fail_stale, is_database, open_storage, trial_id
 
@@ -83,19 +93,24 @@ def read_settings(conf: dict[str, Any]) -> tuple[DictConfig, list[str], list[str
     conf = {k: v for k, v in conf.items() if k != "_target_"}
     for key, known in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if key in conf and (name := _names(conf[key])[0]) not in known:
-            raise ValueError(f"hydra.sweeper.{key}={name}: expected one of {sorted(known)}")
+            raise UserError(f"hydra.sweeper.{key}={name}: expected one of {sorted(known)}")
     settings = OmegaConf.merge(OmegaConf.structured(SweeperSettings), conf)
     objectives, directions = _names(settings.objective), _names(settings.direction)
     if len(directions) != len(objectives):
-        raise ValueError(
+        raise UserError(
             f"hydra.sweeper: {len(objectives)} objective(s) {objectives} but {len(directions)} direction(s) "
             f"{directions}; give one direction per objective"
         )
     if unknown := [o for o in objectives if o not in SWEEP_OBJECTIVES]:
-        raise ValueError(f"hydra.sweeper.objective: {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
+        raise UserError(f"hydra.sweeper.objective: {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
     if unknown := [d for d in directions if d not in DIRECTIONS]:
-        raise ValueError(f"hydra.sweeper.direction: {unknown} unknown; expected {' or '.join(DIRECTIONS)}")
+        raise UserError(f"hydra.sweeper.direction: {unknown} unknown; expected {' or '.join(DIRECTIONS)}")
     return settings, objectives, directions
+
+
+def _recorded(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number``'s result is in the study (COMPLETE or PRUNED)."""
+    return any(t.number == number and t.state in DONE for t in study.get_trials(deepcopy=False))
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -117,7 +132,14 @@ class Sweep:
         s = self.settings
         space, fixed = parse_space([*as_overrides(_plain(s.params)), *arguments])
         if not space:
-            raise ValueError("hydra.sweeper: no search space; give hydra.sweeper.params or sweep overrides")
+            raise UserError("hydra.sweeper: no search space; give hydra.sweeper.params or sweep overrides")
+        self.n_trials = s.n_trials
+        if _names(s.sampler)[0] == "grid" and grid_size(space) < self.n_trials:
+            self.n_trials = grid_size(space)  # past that the grid sampler repeats points
+            log.info(
+                "hydra.sweeper.n_trials=%d: the grid has %d points, so the study's total is %d",
+                *(s.n_trials, self.n_trials, self.n_trials),
+            )
         self.name = self._study_name(space, fixed)
         self.spec = str(s.storage) if s.storage else str(JOURNAL_DIR / f"{self.name}.journal")
         self.shared = is_database(self.spec)  # several workers may share the study
@@ -167,7 +189,7 @@ class Sweep:
         done = len(study.get_trials(deepcopy=False, states=DONE))
         log.info(
             "study %s (%s): %d of %d trials done; sampler %s, pruner %s; storage %s",
-            *(self.name, ", ".join(self.directions), done, s.n_trials, _names(s.sampler)[0], _names(s.pruner)[0]),
+            *(self.name, ", ".join(self.directions), done, self.n_trials, _names(s.sampler)[0], _names(s.pruner)[0]),
             redact(self.spec),
         )
         return study, created
@@ -179,9 +201,9 @@ class Sweep:
                 fail_stale(study)  # trials of workers that died: FAIL, re-queued by _on_stale
             states = [t.state for t in study.get_trials(deepcopy=False)]
             done, running = sum(st in DONE for st in states), states.count(TrialState.RUNNING)
-            if done >= s.n_trials:
+            if done >= self.n_trials:
                 return
-            free = s.n_trials - done - running  # WAITING trials (retries) fill free slots
+            free = self.n_trials - done - running  # WAITING trials (retries) fill free slots
             if free <= 0:
                 if not self.shared:
                     return
@@ -217,10 +239,12 @@ class Sweep:
                 values = ret.return_value  # raises the job's exception if it failed
                 values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
                 if any(not math.isfinite(v) for v in values):
-                    raise ValueError(f"non-finite objective {values}")
+                    raise UserError(f"non-finite objective {values}")
                 # PRUNED trials were already told by their job: leave them as they are.
                 study.tell(trial, values, skip_if_finished=True)
             except Exception as e:
+                if _recorded(study, trial.number):
+                    continue  # told, then the sampler raised (the grid sampler's stop() outside optimize)
                 self.failures += 1
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 log.warning("trial %d failed (%d so far): %s: %s", trial.number, self.failures, type(e).__name__, e)
@@ -237,7 +261,7 @@ class Sweep:
         database transaction: a trial with ``n_trials`` live (not FAIL) trials numbered before it
         is one too many. It is told FAIL, tagged with the user attribute ``sketchsweep.surplus``,
         without being trained."""
-        n_trials = self.settings.n_trials
+        n_trials = self.n_trials
         ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != TrialState.FAIL]
         if len(ahead) < n_trials:
             return False
