@@ -33,8 +33,7 @@ def _bad_input() -> Iterator[None]:
 
 class OptunaSweeper(Sweeper):
     def __init__(self, **conf: Any) -> None:
-        read_settings(conf)  # a bad setting fails now, before Hydra sets anything up
-        self.conf = conf
+        self.settings = read_settings(conf)  # a bad setting fails now, before Hydra sets anything up
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context  # validate_batch_is_legal reads both
@@ -45,7 +44,7 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         with _bad_input():
-            Sweep(self.conf, self.config, self._launch).run(arguments)
+            Sweep(self.settings, self.config, self._launch).run(arguments)
 
     def _launch(self, overrides: list[Sequence[str]]) -> Sequence[JobReturn]:
         self.validate_batch_is_legal(overrides)

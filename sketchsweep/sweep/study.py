@@ -120,8 +120,9 @@ def _plain(node: Any) -> dict[str, Any]:
 class Sweep:
     """One sweep process on one study (several such processes may share a database study)."""
 
-    def __init__(self, conf: dict[str, Any], config: DictConfig, launch: Launch) -> None:
-        self.settings, self.objectives, self.directions = read_settings(conf)
+    def __init__(self, settings: tuple[DictConfig, list[str], list[str]], config: DictConfig, launch: Launch) -> None:
+        """``settings``: what ``read_settings`` returns for ``hydra.sweeper``."""
+        self.settings, self.objectives, self.directions = settings
         self.config, self.launch = config, launch
         self.parent: SweepRun | None = None
         self.in_flight: list[optuna.Trial] = []  # asked, launched, not yet told
