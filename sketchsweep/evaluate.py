@@ -34,6 +34,7 @@ from sketchsweep.checkpoint import TrainedModel, load_trained
 from sketchsweep.config import register_configs, saved_data_config
 from sketchsweep.data import stratified_split
 from sketchsweep.data.categories import class_key, suggest
+from sketchsweep.data.fingerprint import changes, saved_record
 from sketchsweep.data.folder import select_files
 from sketchsweep.data.load import is_synthetic, load_data
 from sketchsweep.data.views import Rows
@@ -102,33 +103,52 @@ def _data_label(data_cfg: DictConfig) -> str:
     return re.sub(r"[^\w.-]+", "_", Path(str(data_cfg.root)).expanduser().resolve().name) or "data"
 
 
-def _read_split(path: Path) -> dict[str, np.ndarray]:
+@dataclass
+class SavedSplit:
+    """A run's split.npz: the row indices, and (runs since it was added) the record of the class
+    files they index, ``data.fingerprint``'s."""
+
+    indices: dict[str, np.ndarray]
+    record: dict[str, np.ndarray] | None
+    source: str  # where it was read, for messages
+
+
+def _read_split(path: Path, source: str) -> SavedSplit:
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k].astype(np.int64) for k in ("train", "val", "test") if k in z}
+        indices = {k: z[k].astype(np.int64) for k in ("train", "val", "test") if k in z}
+    return SavedSplit(indices, saved_record(path), source)
 
 
-def _run_split(ref: ModelRef) -> tuple[dict[str, np.ndarray] | None, str]:
+def _run_split(ref: ModelRef) -> SavedSplit | None:
     """The run's split.npz, from its folder or its MLflow run; None when it has none (older runs)."""
     if ref.folder is not None:
         path = ref.folder / SPLIT
-        return (_read_split(path), str(path)) if path.is_file() else (None, str(path))
+        return _read_split(path, str(path)) if path.is_file() else None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             run_id = store.fetch_run_files(ref, [SPLIT], Path(tmp))
         except ModelRefError:
-            return None, f"{SPLIT} of {ref.text}"
-        return _read_split(Path(tmp) / SPLIT), f"{SPLIT} of run {run_id}"
+            return None
+        return _read_split(Path(tmp) / SPLIT, f"{SPLIT} of run {run_id}")
 
 
 def _split_indices(ref: ModelRef, data, data_cfg: DictConfig) -> dict[str, np.ndarray]:
     """The run's split; recomputed from the run's data config if it is missing, which gives the
-    same indices (the split depends only on it)."""
-    split, source = _run_split(ref)
-    if split is None:
+    same indices (the split depends only on it). Refused when the class files it indexes changed."""
+    saved = _run_split(ref)
+    if saved is None:
         train, val, test = stratified_split(
             data.labels, data.class_names, data_cfg.val_fraction, data_cfg.split_seed, data_cfg.test_fraction
         )
         return {"train": train, "val": val, "test": test}
+    split, source = saved.indices, saved.source
+    changed = changes(saved.record, data) if saved.record is not None else []
+    if changed:
+        raise EvalError(
+            f"{source}: the run's data has changed since training, so its split would index other images: "
+            f"{'; '.join(changed)} (restore the files, or evaluate on the data as it is now with --split all or "
+            "data overrides)"
+        )
     if any(len(v) and v.max() >= len(data.labels) for v in split.values()):
         raise EvalError(
             f"{source}: indices go past the {len(data.labels)} rows of the run's data, which has changed since "

@@ -4,7 +4,7 @@ a run or a Model Registry version.
     python -m sketchsweep.predict model.onnx cat.png drawings/ batch.npy --top-k 3
     python -m sketchsweep.predict outputs/2026-11-24/10-00-00 cat.png --json
 
-Images (PNG, JPEG, ... of any size, dark-on-light or light-on-dark, transparency composited) are
+Images (PNG, JPEG, ... up to PIL's 89M-pixel limit, dark-on-light or light-on-dark, transparency composited) are
 framed the way Quick, Draw!'s bitmaps are (``load_image``); ``.npy`` files hold ready 28x28 rows.
 An ``.onnx`` model runs on ONNX Runtime and this module then never imports torch; the other
 references load the PyTorch model (``sketchsweep.checkpoint.load_trained``), importing torch then.
@@ -16,12 +16,13 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 from sketchsweep import cli
 from sketchsweep.data import DataError
@@ -38,6 +39,11 @@ INK_FRACTION = 271.0 / 304.0
 STROKE_FRACTION = 16.0 / 304.0
 WORK_SIDE = 400  # images are max-pooled to at most about this size before thickening strokes
 MIN_WORK_SIDE = 224  # and smaller ones enlarged to at least this
+LOAD_SIDE = 2048  # bigger images are reduced to about this as they are read (12000 px took 3.6 GB as floats)
+STRIP_PIXELS = 1 << 20  # and converted this many pixels at a time on the way
+# EXIF orientation 2-8 -> the turn that shows the image upright (as ImageOps.exif_transpose does it).
+_TURN_NAMES = "FLIP_LEFT_RIGHT ROTATE_180 FLIP_TOP_BOTTOM TRANSPOSE ROTATE_270 TRANSVERSE ROTATE_90"
+TURNS = {o: Image.Transpose[t] for o, t in enumerate(_TURN_NAMES.split(), start=2)}
 BATCH = 1024
 
 
@@ -49,17 +55,30 @@ class InputError(ValueError):
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read a drawing and frame it like Quick, Draw!: uint8 ``(28, 28)``, strokes 255 on 0."""
+    """Read a drawing and frame it like Quick, Draw!: uint8 ``(28, 28)``, strokes 255 on 0.
+
+    Images over PIL's ``Image.MAX_IMAGE_PIXELS`` (89M pixels: 12000 x 12000 px of white is a
+    148 kB PNG) are refused. Bigger ones than ``LOAD_SIDE`` px are reduced to about that: JPEGs as
+    they are decoded; other formats are decoded whole (so that limit is what bounds the memory
+    used), then converted and reduced a strip at a time."""
     try:
-        with Image.open(path) as im:
-            im.seek(0)  # the first frame of an animation
-            im = ImageOps.exif_transpose(im)  # photos taken sideways
-            gray, alpha = _gray_alpha(im)
+        with warnings.catch_warnings():
+            # PIL only warns over the limit (and raises at twice it): refuse, as any unreadable image.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.seek(0)  # the first frame of an animation
+                f = _reduction(im.size)
+                if f > 1:
+                    im.draft(None, (im.width // f, im.height // f))  # JPEG: decoded at 1/2 to 1/8 scale
+                # Photos taken sideways are turned upright once reduced (turning costs a full-size copy).
+                gray, alpha = _gray_alpha(im, TURNS.get(im.getexif().get(ExifTags.Base.Orientation)))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a folder") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: too large to read as a drawing ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
         # PIL raises UnidentifiedImageError (an OSError) for what is not an image, OSError for a
         # truncated one, and occasionally ValueError/SyntaxError from a broken header.
         raise InputError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
@@ -69,16 +88,42 @@ def load_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: {e}") from None
 
 
-def _gray_alpha(im) -> tuple[np.ndarray, np.ndarray | None]:
+def _reduction(size: tuple[int, int]) -> int:
+    """The factor that brings an image's longer side to at most ``LOAD_SIDE``."""
+    return max(1, math.ceil(max(size) / LOAD_SIDE))
+
+
+def _reduced(im, mode: str, turn) -> Image.Image:
+    """``im`` in ``mode`` (``L``, ``LA`` or ``F``), box-averaged down to about ``LOAD_SIDE`` px and
+    turned upright (``turn``), in PIL, before it becomes float arrays (8 bytes a pixel, and several
+    of them). A big image is converted and reduced a strip of rows at a time, so no full-size
+    converted copy is made (4 bytes a pixel for ``F``, and more on the way to ``LA``): the decoded
+    image is the only full-size one. Strokes that thin out are stretched back by ``frame_drawing``."""
+    f = _reduction(im.size)
+    if f == 1:
+        out = _converted(im, mode)
+    else:
+        out = Image.new(mode, (-(-im.width // f), -(-im.height // f)))
+        step = f * max(1, STRIP_PIXELS // (im.width * f))  # whole boxes of f x f pixels per strip
+        for top in range(0, im.height, step):
+            strip = im.crop((0, top, im.width, min(top + step, im.height)))
+            out.paste(_converted(strip, mode).reduce(f), (0, top // f))
+    return out.transpose(turn) if turn is not None else out
+
+
+def _converted(im, mode: str) -> Image.Image:
+    return im.convert("RGBA").convert("LA") if mode == "LA" else im.convert(mode)
+
+
+def _gray_alpha(im, turn=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Luminance in [0, 255] and, for images with transparency, alpha in [0, 1]."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit and float greyscale
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if a.max() > 255 else 255.0
-        return a * (255.0 / top), None
+        top = 65535.0 if im.getextrema()[1] > 255 else 255.0
+        return np.asarray(_reduced(im, "F", turn), dtype=np.float64) * (255.0 / top), None
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        la = np.asarray(im.convert("RGBA").convert("LA"), dtype=np.float64)
+        la = np.asarray(_reduced(im, "LA", turn), dtype=np.float64)
         return la[..., 0], la[..., 1] / 255.0
-    return np.asarray(im.convert("L"), dtype=np.float64), None
+    return np.asarray(_reduced(im, "L", turn), dtype=np.float64), None
 
 
 def frame_drawing(gray: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
@@ -315,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Classify drawings (images, .npy batches, folders of them) with a trained sketchsweep model.",
     )
     parser.add_argument("model", help=FORMS)
-    parser.add_argument("inputs", nargs="+", help="PNG/JPEG/... drawings, .npy files of 28x28 rows, or folders")
+    big = f"images over {LOAD_SIDE} px are reduced (JPEGs as decoded, others once decoded whole), over 89M px refused"
+    parser.add_argument("inputs", nargs="+", help=f"PNG/JPEG/... drawings, .npy files of 28x28 rows, or folders; {big}")
     parser.add_argument("--top-k", type=int, default=3, help="classes to show per drawing (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per drawing instead of a table")
     args = parser.parse_args(argv)

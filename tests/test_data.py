@@ -1,13 +1,18 @@
 """The numpy_bitmap loader, its errors, the split and the synthetic generator."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from sketchsweep.data import DataError, load_folder, stratified_split, write_synthetic
 from sketchsweep.data.synthetic import SHAPES, draw_class
-from tests.conftest import SHARED_QUICKDRAW
+from tests.conftest import PROJECT_ROOT, SHARED_QUICKDRAW, cli_env
 
 
 def bitmaps(n, value=255, seed=0):
@@ -136,6 +141,50 @@ def test_duplicate_class_names_after_prefix_stripping(tmp_path):
     with pytest.raises(DataError, match="'cat' is also given by") as err:
         load_folder(root)
     assert "full_numpy_bitmap_cat.npy" in str(err.value)
+
+
+def test_underscore_and_space_names_are_one_class(tmp_path):
+    """Names are matched with "_" and space alike, so two such files would be one class trained as two."""
+    root = make_folder(
+        tmp_path, {"traffic light.npy": bitmaps(3), "traffic_light.npy": bitmaps(3, seed=1), "dog.npy": bitmaps(3)}
+    )
+    for classes in (None, ["traffic_light", "dog"]):
+        with pytest.raises(DataError, match="same class") as err:
+            load_folder(root, classes=classes)
+        assert "traffic light.npy" in str(err.value) and "traffic_light.npy" in str(err.value)
+
+
+def test_synthetic_cache_folder_gets_permissions_per_umask(tmp_path):
+    """A shared cache must be readable by others: not mkdtemp's 0700."""
+    old = os.umask(0o022)
+    try:
+        root = write_synthetic(tmp_path / "syn", num_classes=2, per_class=4, seed=0)
+    finally:
+        os.umask(old)
+    assert root.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in root.iterdir())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_generation_leaves_no_temporary_folder(tmp_path, signum):
+    """kill (SIGTERM) or Ctrl-C while the synthetic set is being drawn: no half-made folder is left."""
+    code = "import sys; from sketchsweep.data import write_synthetic; write_synthetic(sys.argv[1], 10, 200000, 0)"
+    dst = tmp_path / "cache" / "syn"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(dst)], cwd=PROJECT_ROOT, env=cli_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (dst.parent.is_dir() and any(dst.parent.iterdir())):  # the temporary folder is there
+            assert proc.poll() is None, "generation ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no temporary folder appeared"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert list(dst.parent.iterdir()) == []
 
 
 def test_synthetic_is_deterministic_and_in_the_real_format(tmp_path):

@@ -26,7 +26,7 @@ from sketchsweep.evaluation import (
     evaluation_artifacts,
     pick_misclassified,
 )
-from tests.conftest import cli_env, tiny_overrides, train_cli
+from tests.conftest import cli_env, compose_config, tiny_overrides, train_cli
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +124,41 @@ def test_cli_errors_are_one_line_with_exit_2(trained_run, tiny_data, tmp_path, c
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (extra / "evaluation").exists()
+
+
+def test_the_split_is_refused_when_the_data_has_changed_since_training(tiny_data, tmp_path, capsys):
+    """split.npz records each class file's rows (count and digest): appended or replaced rows make the
+    split index other images, so scoring it is refused, naming the file; older split.npz still work."""
+    from sketchsweep.train import train
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_data, data)
+    overrides = tiny_overrides(data, f"sqlite:///{tmp_path / 'mlflow.db'}", run_dir, "trainer.epochs=1")
+    train(compose_config([o for o in overrides if not o.startswith("hydra.")]), run_dir)
+    saved = dict(np.load(run_dir / "split.npz"))
+    assert saved["class_rows"].tolist() == [120] * 4 and len(set(saved["class_digest"].tolist())) == 4
+    assert main([str(run_dir)]) == 0
+    capsys.readouterr()
+
+    circle, star = np.load(data / "circle.npy"), np.load(data / "star.npy")
+    np.save(data / "circle.npy", np.concatenate([circle, circle[:5]]))  # rows appended
+    np.save(data / "star.npy", star[::-1])  # the same number of rows, not the same ones
+    for split in ("val", "test", "train"):
+        assert main([str(run_dir), "--split", split] if split != "val" else [str(run_dir)]) == 2, split
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{data / 'circle.npy'}: 120 rows at training, 125 now" in err
+        assert f"{data / 'star.npy'}: " in err and "rows differ" in err
+    assert main([str(run_dir), "--split", "all"]) == 0  # every row of the data as it is now: no split involved
+    assert main([str(run_dir), "data.max_per_class=120"]) == 0  # other data, by the user's choice
+
+    np.save(data / "circle.npy", circle)
+    np.save(data / "star.npy", star.reshape(-1, 28, 28))  # rewritten in another layout: the same rows
+    assert main([str(run_dir)]) == 0
+    # A split.npz from before these records: the split is scored as it was.
+    np.save(data / "circle.npy", np.concatenate([circle, circle[:5]]))
+    np.savez_compressed(run_dir / "split.npz", **{k: saved[k] for k in ("train", "val", "test")})
+    assert main([str(run_dir)]) == 0
 
 
 def test_many_classes_plot_stays_small(tmp_path):

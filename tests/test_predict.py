@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -143,4 +145,132 @@ def test_predict_with_onnx_never_imports_torch(run, drawings):
     )
     proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["input"] == str(files[0])
+
+
+def cross_png(path, side: int, rgba: bool = False) -> None:
+    """A thick black cross on white, ``side`` x ``side``, as a 1-bit PNG written row by row: a huge
+    canvas in a small file (12000 x 12000 px in about 50 kB), without holding its pixels in memory.
+    ``rgba``: 8-bit RGBA instead, black on transparent (4 bytes a pixel once decoded)."""
+    bar, margin = range(side * 2 // 5, side * 3 // 5), side // 10
+    white, vertical = np.ones(side, bool), np.ones(side, bool)
+    vertical[bar.start : bar.stop] = False
+
+    def pixels(v: np.ndarray) -> bytes:
+        if not rgba:
+            return np.packbits(v).tobytes()
+        px = np.zeros((side, 4), np.uint8)
+        px[~v, 3] = 255
+        return px.tobytes()
+
+    packed = {k: b"\0" + pixels(v) for k, v in (("white", white), ("v", vertical), ("h", ~white))}
+
+    def row(y: int) -> bytes:
+        return packed["h" if y in bar else "v" if margin <= y < side - margin else "white"]
+
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(row(y)) for y in range(side)) + z.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    depth, color = (8, 6) if rgba else (1, 0)  # 8-bit RGBA, or 1-bit greyscale
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, depth, color, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_a_big_image_is_reduced_before_it_is_read(tmp_path):
+    """6000 x 6000 px: framed like the same drawing at 600 px, in a bounded amount of memory (about 1.2 GB
+    when the whole canvas went through the float pipeline; well under half that now)."""
+    cross_png(tmp_path / "big.png", 6000)
+    cross_png(tmp_path / "small.png", 600)
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from sketchsweep.predict import load_image\n"
+        "np.save(sys.argv[2], load_image(sys.argv[1]))\n"
+        # This process's peak (VmHWM): ru_maxrss would count what the test process held when it forked.
+        "print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')) // 1024)\n"
+    )
+    args = [sys.executable, "-c", code, str(tmp_path / "big.png"), str(tmp_path / "big.npy")]
+    proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 700, f"peak memory {proc.stdout.strip()} MB"
+    big, small = np.load(tmp_path / "big.npy"), load_image(tmp_path / "small.png")
+    assert big.max() >= 240 and np.abs(big.astype(int) - small).mean() < 4
+
+
+def test_a_big_image_is_reduced_without_full_size_converted_copies(tmp_path):
+    """6000 x 6000 px RGBA, so 144 MB once decoded: PIL decodes a PNG whole, but it is then converted and
+    reduced strip by strip, so little more memory than that is used (converting it whole to
+    greyscale-and-alpha, then reducing, took two and a half times as much)."""
+    cross_png(tmp_path / "big.png", 6000, rgba=True)
+    cross_png(tmp_path / "small.png", 600, rgba=True)
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from sketchsweep import predict\n"
+        "predict.LOAD_SIDE = 256  # so that what follows the reduction (floats, LOAD_SIDE px square) weighs little\n"
+        "def peak():\n"
+        "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+        "before = peak()\n"
+        "np.save(sys.argv[2], predict.load_image(sys.argv[1]))\n"
+        "print((peak() - before) // 1024)\n"
+    )
+    args = [sys.executable, "-c", code, str(tmp_path / "big.png"), str(tmp_path / "big.npy")]
+    proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    decoded = 6000 * 6000 * 4 // 2**20
+    assert int(proc.stdout) < decoded * 1.5, f"peak memory grew by {proc.stdout.strip()} MB reading {decoded} MB"
+    big, small = np.load(tmp_path / "big.npy"), load_image(tmp_path / "small.png")
+    assert big.max() >= 240 and np.abs(big.astype(int) - small).mean() < 4
+
+
+def test_big_images_of_any_mode_and_orientation_read_alike(tmp_path):
+    """One drawing over LOAD_SIDE px, saved in each image mode PIL reads differently (palette, 1-bit,
+    16-bit, with alpha), and sideways with an EXIF orientation: each is the same 28 x 28 bitmap."""
+    ink = np.asarray(Image.fromarray(render(strokes("star", 0), 700)).resize((2100, 2100)))  # reduced by 2 when read
+    gray = Image.fromarray(255 - ink)
+    variants = {
+        "L": gray,
+        "P": gray.convert("P"),
+        "1": gray.point(lambda v: 255 if v > 127 else 0).convert("1"),
+        "I;16": Image.fromarray((255 - ink).astype(np.uint16) * 257),
+        "LA": Image.merge("LA", [Image.new("L", gray.size, 0), Image.fromarray(ink)]),
+        "RGBA": Image.merge("RGBA", [Image.new("L", gray.size, 0)] * 3 + [Image.fromarray(ink)]),
+    }
+    want = load_image(save(variants.pop("L"), tmp_path / "L.png"))
+    for mode, im in variants.items():
+        got = load_image(save(im, tmp_path / f"{mode.replace(';', '')}.png"))
+        assert np.abs(got.astype(int) - want).mean() < (6 if mode == "1" else 1), mode
+    sideways = gray.transpose(Image.Transpose.ROTATE_90)  # as a camera held sideways stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    sideways.save(tmp_path / "sideways.png", exif=exif)
+    assert np.abs(load_image(tmp_path / "sideways.png").astype(int) - want).mean() < 1
+
+
+def save(im, path):
+    im.save(path)
+    return path
+
+
+def test_an_image_over_the_pixel_limit_is_refused_by_name(run, drawings, tmp_path):
+    """12000 x 12000 px in a few kB (PIL's decompression-bomb limit is 89M px): one line naming the file,
+    the other inputs still classified, exit code 1 as for any unreadable input."""
+    big = tmp_path / "huge.png"
+    cross_png(big, 12000)
+    assert big.stat().st_size < 200_000
+    _, files, _ = drawings
+    proc = subprocess.run(
+        [sys.executable, "-m", "sketchsweep.predict", str(run.onnx_path), str(big), str(files[0]), "--json"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    first, summary = proc.stderr.splitlines()
+    assert first.startswith(f"error: {big}: ") and "pixels" in first and "Traceback" not in proc.stderr
+    assert summary == "1 input(s) could not be read; 1 drawing(s) classified"
     assert json.loads(proc.stdout)["input"] == str(files[0])

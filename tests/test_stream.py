@@ -106,9 +106,27 @@ def test_a_file_truncated_while_streaming_is_a_clear_error(tmp_path):
 
 
 def test_streaming_needs_uint8_files(tmp_path):
-    np.save(tmp_path / "a.npy", np.zeros((3, 784), np.float32))
-    with pytest.raises(DataError, match="streaming reads"):
+    np.save(tmp_path / "a.npy", np.zeros((3, 784), np.int16))
+    with pytest.raises(DataError, match=r"int16; streaming .* reads"):
         RowReader([tmp_path / "a.npy"])
+
+
+def test_a_float_file_is_refused_when_streamed_with_the_rewrite_that_streams_it_as_loaded(tmp_path):
+    """Loading converts floats in [0, 1]; streaming reads bytes as stored, so it refuses them, naming the
+    file and a one-line rewrite; after that rewrite the file streams exactly as the float file loaded."""
+    np.save(tmp_path / "a.npy", np.zeros((20, 784), np.uint8))
+    path = tmp_path / "b.npy"
+    np.save(path, np.random.default_rng(0).random((30, 28, 28), dtype=np.float32))
+    loaded = load_folder(tmp_path).images
+    with pytest.raises(DataError, match=r"float32") as err:
+        RowReader([tmp_path / "a.npy", path])
+    assert str(path) in str(err.value) and "with np.save(path, " in str(err.value)
+    eval(str(err.value).split(" with ")[-1], {"np": np, "path": path})  # the rewrite, as printed
+    reader = RowReader([tmp_path / "a.npy", path])
+    try:
+        np.testing.assert_array_equal(reader[np.arange(50)], loaded)
+    finally:
+        reader.close()
 
 
 def test_training_streams_when_data_exceeds_the_budget(tiny_data, tmp_path, store, caplog):
@@ -145,6 +163,7 @@ def test_a_dropped_reader_closes_its_files(tiny_data):
     import os
 
     files = list(select_files(tiny_data).values())
+    gc.collect()  # readers other tests dropped close their files now, not during the count
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
         reader = RowReader(files)
@@ -153,3 +172,57 @@ def test_a_dropped_reader_closes_its_files(tiny_data):
         del reader
         gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def write_npy(path, header: dict, data: bytes, version: int = 1) -> None:
+    """A .npy written byte by byte, for headers np.save does not produce (big-endian uint8, ...)."""
+    text = repr(header).encode("latin1")
+    size = 2 if version == 1 else 4
+    pad = -(8 + size + len(text) + 1) % 64
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY" + bytes([version, 0]) + (len(text) + pad + 1).to_bytes(size, "little"))
+        f.write(text + b" " * pad + b"\n" + data)
+
+
+def header_variants(path, a):
+    """Every way to store the rows ``a`` (uint8 (N, 784)) that np.load reads back as them."""
+    flat, square = {"shape": a.shape, "fortran_order": False}, {"shape": (len(a), 28, 28), "fortran_order": False}
+    return {
+        "v1": lambda: np.save(path, a),
+        "v2": lambda: write_npy(path, {"descr": "|u1", **flat}, a.tobytes(), version=2),
+        "v3": lambda: write_npy(path, {"descr": "|u1", **flat}, a.tobytes(), version=3),
+        "big-endian": lambda: write_npy(path, {"descr": ">u1", **flat}, a.tobytes()),
+        "little-endian": lambda: write_npy(path, {"descr": "<u1", **flat}, a.tobytes()),
+        "square": lambda: np.save(path, a.reshape(-1, 28, 28)),
+        "fortran": lambda: np.save(path, np.asfortranarray(a)),
+        "fortran square": lambda: np.save(path, np.asfortranarray(a.reshape(-1, 28, 28))),
+        "fortran v2": lambda: write_npy(
+            path, {"descr": "|u1", **flat, "fortran_order": True}, a.tobytes(order="F"), version=2
+        ),
+        "fortran square v3": lambda: write_npy(
+            path, {"descr": "|u1", **square, "fortran_order": True}, a.reshape(-1, 28, 28).tobytes(order="F"), 3
+        ),
+    }
+
+
+@pytest.mark.parametrize("variant", sorted(header_variants(None, np.zeros((1, 784), np.uint8))))
+def test_streamed_and_resident_reads_agree_on_every_header(tmp_path, variant):
+    """A file np.load reads right is streamed right too, or refused by name; never read scrambled."""
+    a = np.random.default_rng(0).integers(0, 256, (50, 784), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", a[::-1].copy())
+    path = tmp_path / "b.npy"
+    header_variants(path, a)[variant]()
+    np.testing.assert_array_equal(np.load(path).reshape(-1, 784), a)  # what np.load makes of it
+    resident = load_folder(tmp_path)
+    np.testing.assert_array_equal(resident.images[50:], a)
+    try:
+        reader = RowReader([tmp_path / "a.npy", path])
+    except DataError as e:  # refused, by name and saying why
+        assert str(path) in str(e) and "order" in str(e)
+        return
+    idx = np.random.default_rng(1).permutation(100)
+    try:
+        np.testing.assert_array_equal(reader[idx], resident.images[idx])
+        np.testing.assert_array_equal(reader.gather(idx), resident.images[idx])
+    finally:
+        reader.close()

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from sketchsweep.config import PROJECT_ROOT
 from sketchsweep.data import DataError, load_folder
 from sketchsweep.data.subset import make_subset
 from tests.conftest import SHARED_QUICKDRAW, cli_env
+from tests.test_ndjson import run_hooked
 
 
 def rows(n, offset):
@@ -92,6 +94,18 @@ def test_non_empty_destination_is_refused_unless_forced(src, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
+def test_the_subset_folder_gets_permissions_per_umask(src, tmp_path):
+    """A finished data folder is like any other the user makes (others may read it), not mkdtemp's 0700."""
+    old = os.umask(0o022)
+    try:
+        dst = make_subset(src, tmp_path / "sub", 5, ["ant"])
+        forced = make_subset(src, dst, 5, ["bee"], force=True)
+    finally:
+        os.umask(old)
+    assert dst.stat().st_mode & 0o777 == forced.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in dst.iterdir()} == {0o644}
+
+
 def test_bad_source_file_gives_loader_error_and_no_destination(src, tmp_path):
     bad = src / "bee.npy"
     np.save(bad, np.zeros((5, 28, 3), np.uint8))
@@ -134,3 +148,49 @@ def test_real_subset_loads(tmp_path):
     ds = load_folder(dst)
     assert len(ds.class_names) == 3 and ds.images.shape == (300, 784) and ds.images.dtype == np.uint8
     assert ds.class_names == list(json.loads((dst / "manifest.json").read_text())["classes"])
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_force_keeps_the_old_subset_when_the_new_one_cannot_be_put_in_place(src, tmp_path):
+    """--force moves the old subset aside, then renames the new one in; when that rename fails (here the
+    new folder is made immutable, chattr +i, as the old one is moved aside) the old one is put back whole,
+    and the error is one line."""
+    dst = make_subset(src, tmp_path / "sub", 5, ["ant"])
+    before = folder_bytes(dst)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    probe.rmdir()
+    new = f"[p for p in glob.glob({str(tmp_path / '.sub-*')!r}) if '-old-' not in p]"
+    then = f"import glob; subprocess.run(['chattr', '+i', *{new}], check=True)"
+    try:
+        failed = run_hooked(
+            "sketchsweep.data.subset", f"event == 'os.rename' and path(args[0]) == {str(dst)!r}", then,
+            src, dst, "--per-class", 7, "--classes", "bee", "--force",
+        )  # fmt: skip
+    finally:
+        subprocess.run(["chattr", "-i", *tmp_path.glob(".sub-*")], check=False)
+    assert dst.is_dir() and folder_bytes(dst) == before, failed.stderr
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and str(dst) in failed.stderr, failed.stderr
+    assert not list(tmp_path.glob(".sub-old-*"))
+
+
+def test_signals_as_the_forced_subset_is_swapped_in_wait_for_the_swap(src, tmp_path):
+    """Ctrl-C twice (the second means "stop now") just as the new subset replaces the old one: the signals
+    wait for both renames, so the user has the new subset, never neither."""
+    dst = make_subset(src, tmp_path / "sub", 5, ["ant"])
+    twice = "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)"
+    done = run_hooked(
+        "sketchsweep.data.subset", f"event == 'os.rename' and path(args[1]) == {str(dst)!r}", twice,
+        src, dst, "--per-class", 7, "--classes", "bee", "--force",
+    )  # fmt: skip
+    assert dst.is_dir(), done.stderr
+    assert sorted(p.name for p in dst.iterdir()) == ["bee.npy", "manifest.json"], done.stderr
+    np.testing.assert_array_equal(np.load(dst / "bee.npy"), np.load(src / "bee.npy")[:7])
+    assert done.returncode == 0 and "signal 2" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "sub"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sketchsweep.data.categories import check_classes
+from sketchsweep.data.categories import check_classes, class_key
 from sketchsweep.data.errors import DataError
 
 EXPECTED = "a numpy_bitmap .npy file: uint8 array of shape (N, 784), strokes 255 on background 0"
@@ -24,6 +24,7 @@ class Dataset:
     images: np.ndarray  # uint8 (N, 784)
     labels: np.ndarray  # int64 (N,), index into class_names
     class_names: list[str]
+    files: list[Path] | None = None  # each class's file, in label order (what split.npz's record describes)
 
 
 def class_name(path: Path) -> str:
@@ -38,11 +39,18 @@ def list_class_files(root: str | Path) -> dict[str, Path]:
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder; expected a folder of {EXPECTED}")
     files: dict[str, Path] = {}
+    keys: dict[str, Path] = {}
     for p in sorted(root.glob("*.npy")):
         name = class_name(p)
-        if name in files:  # cat.npy next to full_numpy_bitmap_cat.npy: which one is "cat"?
-            raise DataError(f"{p}: class name {name!r} is also given by {files[name]}; keep one file per class")
-        files[name] = p
+        # cat.npy next to full_numpy_bitmap_cat.npy, or traffic_light.npy next to "traffic light.npy"
+        # (names are matched with "_" and space alike): which one is the class?
+        if class_key(name) in keys:
+            other = keys[class_key(name)]
+            raise DataError(
+                f"{p}: class name {name!r} is also given by {other} (the same class: names match with '_' and "
+                "space alike); keep one file per class"
+            )
+        files[name] = keys[class_key(name)] = p
     if not files:
         raise DataError(f"data.root: {root} has no .npy files; expected one per class, each {EXPECTED}")
     return dict(sorted(files.items()))
@@ -97,7 +105,9 @@ def as_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
     return np.rint(a * 255.0).astype(np.uint8)
 
 
-def select_files(root: str | Path, classes: list[str] | None = None, max_per_class: int | None = None) -> dict[str, Path]:
+def select_files(
+    root: str | Path, classes: list[str] | None = None, max_per_class: int | None = None
+) -> dict[str, Path]:
     """The class files to use, sorted by class name (labels are indices in this order)."""
     files = list_class_files(root)
     if classes:
@@ -113,7 +123,7 @@ def load_folder(root: str | Path, classes: list[str] | None = None, max_per_clas
     """Load every (or the chosen) class of a numpy_bitmap folder into memory."""
     files = select_files(root, classes, max_per_class)
     arrays = [read_class_file(p, max_per_class) for p in files.values()]
-    return Dataset(np.concatenate(arrays), class_labels([len(a) for a in arrays]), list(files))
+    return Dataset(np.concatenate(arrays), class_labels([len(a) for a in arrays]), list(files), list(files.values()))
 
 
 def class_labels(counts: list[int]) -> np.ndarray:

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sketchsweep.paths import SYNTHETIC_CACHE
 from sketchsweep.data.errors import DataError
 from sketchsweep.data.folder import Dataset, class_labels, load_folder, open_class_file, select_files
 from sketchsweep.data.stream import RowReader
 from sketchsweep.data.synthetic import cache_folder, write_synthetic
 from sketchsweep.data.views import Rows, Split, StreamingSplit
+from sketchsweep.paths import SYNTHETIC_CACHE
 
 log = logging.getLogger("sketchsweep")
 
@@ -78,7 +78,7 @@ def load_data(cfg, device: torch.device) -> Dataset:
         "data is %.2f GB, over the %.2f GB budget (data.max_memory_gb): streaming from disk", size / 1e9, budget / 1e9
     )
     reader = RowReader(list(files.values()), cfg.max_per_class)
-    return Dataset(reader, class_labels(reader.counts), list(files))  # type: ignore[arg-type]
+    return Dataset(reader, class_labels(reader.counts), list(files), list(files.values()))  # type: ignore[arg-type]
 
 
 class Placement:

@@ -1,9 +1,13 @@
 """Convert Quick, Draw!'s *simplified* ndjson to numpy_bitmap files.
 
-``python -m sketchsweep.data.ndjson2npy SRC.ndjson DST_DIR [--recognized-only]`` writes one
-``DST_DIR/<word>.npy`` (``uint8 (N, 784)``) per ``word`` in the file, each drawing rendered by
-:func:`sketchsweep.data.raster.rasterize`. Lines that are not valid drawings are skipped and
-counted by reason; the command fails (exit 2) only when nothing valid is left.
+``python -m sketchsweep.data.ndjson2npy SRC.ndjson DST_DIR [--recognized-only] [--append | --force]``
+writes one ``DST_DIR/<word>.npy`` (``uint8 (N, 784)``) per ``word`` in the file, each drawing rendered
+by :func:`sketchsweep.data.raster.rasterize`. A class file ``DST_DIR`` already has (any spelling of
+the class) is refused unless ``--append`` (add the drawings to it) or ``--force`` (replace it).
+All class files are written under temporary names, then renamed into place together: Ctrl-C,
+``kill`` or a failure changes all of them or none, so running it again never appends twice.
+Lines that are not valid drawings are skipped and counted by reason; the command fails (exit 2)
+when nothing valid is left.
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sketchsweep import cli
+from sketchsweep.data.atomic import Staged, locked_folder, staged, stop_points
+from sketchsweep.data.categories import class_key
 from sketchsweep.data.errors import DataError
+from sketchsweep.data.folder import EXPECTED, class_name, open_class_file
 from sketchsweep.data.raster import rasterize
 
 # Skip reasons, as counted and printed.
@@ -107,38 +113,94 @@ def read_ndjson(
     return by_word, skipped
 
 
-def _save_atomic(arr: np.ndarray, dst: Path) -> None:
-    """Write ``dst`` under a temporary name in the same folder, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}-", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+EXISTING = ("refuse", "append", "replace")  # what to do with a class file the folder already has
 
 
-def convert(src: str | Path, dst: str | Path, recognized_only: bool = False) -> dict[str, Path]:
-    """Render every valid drawing of ``src`` into ``dst/<word>.npy``; returns ``{word: path}``."""
-    result, _ = _convert(src, dst, recognized_only)
-    return result
+@dataclass
+class Written:
+    path: Path
+    rows: int  # in the file now
+    added: int  # drawings from this conversion
 
 
-def _convert(src, dst, recognized_only) -> tuple[dict[str, Path], tuple[dict[str, int], Counter[str]]]:
+def class_files(dst: Path, words: list[str]) -> dict[str, Path]:
+    """Each word's file: the folder's file of that class when it has one, under any spelling
+    (``cat.npy``, ``full_numpy_bitmap_cat.npy``, ``traffic_light.npy`` for ``traffic light``), else
+    ``dst/<word>.npy``. Two words or files of one class are a ``DataError`` naming both."""
+    have: dict[str, Path] = {}
+    for p in sorted(dst.glob("*.npy")):
+        key = class_key(class_name(p))
+        if key in have:
+            raise DataError(f"{p}: class name {class_name(p)!r} is also given by {have[key]}; keep one file per class")
+        have[key] = p
+    out: dict[str, Path] = {}
+    for word in words:
+        same = [w for w in out if class_key(w) == class_key(word)]
+        if same:
+            raise DataError(f"words {same[0]!r} and {word!r} are the same class ('_' and space alike); expected one")
+        out[word] = have.get(class_key(word), dst / f"{word}.npy")
+    return out
+
+
+def _check_existing(paths: list[Path], existing: str) -> None:
+    """Refuse existing class files unless told to append or replace; check one before appending to it."""
+    if paths and existing == "refuse":
+        more = f" (and {', '.join(map(str, paths[1:]))})" if len(paths) > 1 else ""
+        raise DataError(
+            f"{paths[0]}: already exists{more}; pass --append to add the drawings to it or --force to replace it"
+        )
+    for p in paths if existing == "append" else []:
+        arr = open_class_file(p)  # the header: (N, 784) or (N, 28, 28), rows, no pickles
+        if arr.dtype != np.uint8:
+            raise DataError(f"{p}: has dtype {arr.dtype}; --append adds to {EXPECTED}")
+
+
+def _stage(drawings: list[list[np.ndarray]], path: Path, existing: str, files: Staged) -> Written:
+    """Render ``drawings`` into a temporary file for ``path``: a new file, or the existing one
+    replaced or appended to (keeping its permissions and its (N, 784) or (N, 28, 28) layout)."""
+    images = rasterize(drawings)
+    if not path.exists():
+        files.save_npy(images, path)
+        return Written(path, len(images), len(images))
+    mode = path.stat().st_mode & 0o7777
+    if existing == "append":
+        old = open_class_file(path)
+        images = np.concatenate([old, images.reshape(-1, *old.shape[1:])])
+    files.save_npy(images, path, mode)
+    return Written(path, len(images), len(drawings))
+
+
+def convert(
+    src: str | Path, dst: str | Path, recognized_only: bool = False, existing: str = "refuse"
+) -> dict[str, Path]:
+    """Render every valid drawing of ``src`` into ``dst/<word>.npy``; returns ``{word: path}``.
+    A class file ``dst`` already has is refused, appended to or replaced (``existing``)."""
+    written, _ = _convert(src, dst, recognized_only, existing)
+    return {word: w.path for word, w in written.items()}
+
+
+def _convert(src, dst, recognized_only, existing) -> tuple[dict[str, Written], Counter[str]]:
+    if existing not in EXISTING:
+        raise ValueError(f"existing={existing!r}: expected one of {EXISTING}")
     src, dst = Path(src), Path(dst)
     by_word, skipped = read_ndjson(src, recognized_only)
     if not by_word:
         reasons = ", ".join(f"{n} {r}" for r, n in skipped.most_common()) or "the file has no lines"
         raise DataError(f"{src}: no valid drawing to convert ({reasons}); expected simplified Quick, Draw! ndjson")
     dst.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for word, drawings in sorted(by_word.items()):
-        written[word] = dst / f"{word}.npy"
-        _save_atomic(rasterize(drawings), written[word])
-    return written, ({w: len(d) for w, d in by_word.items()}, skipped)
+    # One conversion at a time per folder: two appends to one file would each drop the other's drawings.
+    # Every class file is written under a temporary name first, then all are renamed at once: an
+    # interrupted or failed run changes none, so running it again never appends anything twice.
+    with locked_folder(dst), stop_points() as check, staged() as files:
+        paths = class_files(dst, sorted(by_word))
+        _check_existing([p for p in paths.values() if p.exists()], existing)
+        written = {}
+        for word, path in paths.items():
+            check()  # Ctrl-C or kill: stop here, removing the temporary files
+            written[word] = _stage(by_word[word], path, existing, files)
+        with check.finishing():
+            files.replace_all()
+    return written, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,14 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", type=Path, help="simplified .ndjson file")
     parser.add_argument("dst", type=Path, help="folder to write <word>.npy files into")
     parser.add_argument("--recognized-only", action="store_true", help="keep only drawings with recognized=true")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--append", action="store_true", help="add the drawings to a class file DST already has")
+    existing.add_argument("--force", action="store_true", help="replace a class file DST already has")
     args = parser.parse_args(argv)
+    mode = "append" if args.append else "replace" if args.force else "refuse"
     try:
-        written, (counts, skipped) = _convert(args.src, args.dst, args.recognized_only)
-    except DataError as e:
+        written, skipped = _convert(args.src, args.dst, args.recognized_only, mode)
+    except (DataError, OSError) as e:
         return cli.fail(e)
-    for word, path in written.items():
-        print(f"{path}: {counts[word]} drawings")
-    print(f"written {sum(counts.values())}, skipped {sum(skipped.values())}")
+    except KeyboardInterrupt:
+        return cli.fail(f"interrupted; no class file in {args.dst} was changed", cli.INTERRUPTED)
+    for w in written.values():
+        print(f"{w.path}: {w.rows} drawings" + (f" ({w.added} appended)" if w.rows != w.added else ""))
+    print(f"written {sum(w.added for w in written.values())}, skipped {sum(skipped.values())}")
     for reason, n in skipped.most_common():
         print(f"  skipped {n}: {reason}")
     return 0

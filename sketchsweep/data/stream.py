@@ -27,8 +27,17 @@ class RowReader:
         self.files, self.counts, self.header = list(files), [], []
         for p in self.files:
             arr = open_class_file(p)  # validates the header
-            if arr.dtype != np.uint8:
-                raise DataError(f"{p}: has dtype {arr.dtype}; streaming reads {EXPECTED} as stored on disk")
+            if arr.dtype != np.uint8:  # loading converts floats in [0, 1]; streaming reads the bytes as they are
+                fix = "np.save(path, np.rint(np.load(path) * 255).astype(np.uint8))" if arr.dtype.kind == "f" else None
+                raise DataError(
+                    f"{p}: has dtype {arr.dtype}; streaming (data over data.max_memory_gb) reads {EXPECTED} as stored"
+                    + (f": rewrite it as loading converts it (floats in [0, 1]), with {fix}" if fix else "")
+                )
+            if not arr.flags.c_contiguous:  # a row's pixels are then spread over the whole file
+                raise DataError(
+                    f"{p}: is stored in Fortran (column) order, which cannot be streamed row by row; expected "
+                    f"{EXPECTED} in C (row) order: rewrite it with np.save(path, np.ascontiguousarray(np.load(path)))"
+                )
             self.counts.append(min(len(arr), max_per_class or len(arr)))
             self.header.append(arr.offset)
             del arr

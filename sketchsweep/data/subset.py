@@ -5,7 +5,8 @@
 
 Source files go through the loader's checks (same ``DataError`` messages) and are memory-mapped,
 so only the rows kept are read. The subset is built in a temporary folder beside ``DST`` and
-renamed into place: an interrupted run never leaves a half-written subset.
+renamed into place: an interrupted run never leaves a half-written subset, and ``--force`` never
+leaves the user without one (the old subset is kept until the new one is in its place).
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import zlib
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from sketchsweep import cli
+from sketchsweep.data.atomic import StopPoints, stop_points, temp_folder
 from sketchsweep.data.errors import DataError
 from sketchsweep.data.folder import list_class_files, open_class_file, read_class_file
 
@@ -98,33 +101,51 @@ def make_subset(
         open_class_file(files[name])
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
-    try:
-        manifest_classes = {}
+    manifest = {"source": str(src), "mode": mode, "seed": seed, "per_class": per_class}
+    _build(dst, chosen, lambda name: _rows(files[name], name, per_class, seed, mode), manifest)
+    return dst
+
+
+def _build(dst: Path, chosen: list[str], rows_of: Callable[[str], tuple[np.ndarray, int]], manifest: dict) -> None:
+    """Write each class's ``rows_of(name)`` and the manifest into a temporary folder beside ``dst``
+    (with the umask's permissions, not mkdtemp's 0700), then rename it into place. Ctrl-C or kill
+    stops between classes and removes the folder."""
+    with stop_points() as check, temp_folder(dst.parent, f".{dst.name}-") as tmp:
+        manifest["classes"] = {}
         for name in chosen:
-            rows, total = _rows(files[name], name, per_class, seed, mode)
+            check()
+            rows, total = rows_of(name)
             out = tmp / f"{name}.npy"
             np.save(out, rows)
-            manifest_classes[name] = {"rows": len(rows), "source_rows": total, "sha256": _sha256(out)}
-        manifest = {
-            "source": str(src),
-            "mode": mode,
-            "seed": seed,
-            "per_class": per_class,
-            "classes": manifest_classes,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+            manifest["classes"][name] = {"rows": len(rows), "source_rows": total, "sha256": _sha256(out)}
+        manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if dst.is_dir() and any(dst.iterdir()):  # --force: move the old one aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}-old-", dir=dst.parent))
-            os.replace(dst, old / "x")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+        if dst.is_dir() and any(dst.iterdir()):  # --force
+            _swap(tmp, dst, check)
         else:
-            os.replace(tmp, dst)  # an empty dst folder is replaced atomically
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+            with check.finishing():
+                os.replace(tmp, dst)  # an empty dst folder is replaced atomically
+
+
+def _swap(new: Path, dst: Path, check: StopPoints) -> None:
+    """Put the folder ``new`` in place of the non-empty folder ``dst``, then delete the old one. A
+    folder cannot atomically replace a non-empty one, so the old one is first renamed aside: with
+    signals held back across both renames, and renamed back if the new one cannot be put in place
+    (the user then still has the old subset, never neither)."""
+    old = dst.parent / f".{dst.name}-old-{secrets.token_hex(8)}"
+    with check.finishing():
+        os.replace(dst, old)
+        try:
+            os.replace(new, dst)
+        except OSError as e:
+            try:
+                os.replace(old, dst)
+            except OSError as back:
+                raise OSError(
+                    f"{dst}: not replaced ({e.strerror}) nor put back ({back.strerror}); it is in {old}"
+                ) from None
+            raise OSError(f"{dst}: cannot be replaced ({e.strerror}); it was left as it was") from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         dst = make_subset(
             args.src, args.dst, args.per_class, classes, args.num_classes, args.seed, args.mode, args.force
         )
-    except DataError as e:
+    except (DataError, OSError) as e:
         return cli.fail(e)
+    except KeyboardInterrupt:
+        return cli.fail(f"interrupted; {args.dst} was left as it was", cli.INTERRUPTED)
     manifest = json.loads((dst / "manifest.json").read_text())
     rows = sum(c["rows"] for c in manifest["classes"].values())
     print(f"{dst}: {len(manifest['classes'])} classes, {rows} rows ({args.mode}, seed {args.seed})")

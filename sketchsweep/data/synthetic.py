@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from sketchsweep.data.atomic import stop_points, temp_folder
 from sketchsweep.data.errors import DataError
 from sketchsweep.data.raster import rasterize, simplify_box
 
@@ -96,8 +95,7 @@ def smiley(rng) -> Strokes:
 
 
 SHAPES: dict[str, Callable[[np.random.Generator], Strokes]] = {
-    f.__name__: f
-    for f in (circle, square, triangle, star, zigzag, spiral, arrow, cross, house, smiley)
+    f.__name__: f for f in (circle, square, triangle, star, zigzag, spiral, arrow, cross, house, smiley)
 }
 
 
@@ -137,14 +135,19 @@ def jitter(strokes: Strokes, rng: np.random.Generator) -> Strokes:
     return out
 
 
-def draw_class(name: str, n: int, seed: int) -> np.ndarray:
-    """``n`` drawings of one class as ``uint8 (n, 784)``; depends only on (name, seed, n)."""
+def draw_class(name: str, n: int, seed: int, check: Callable[[], None] | None = None) -> np.ndarray:
+    """``n`` drawings of one class as ``uint8 (n, 784)``; depends only on (name, seed, n).
+    ``check`` is called now and then (``atomic.stop_points``: a signal stops generation there)."""
     if name not in SHAPES:
         raise ValueError(f"unknown synthetic class {name!r}; expected one of {sorted(SHAPES)}")
     # Seed per class from its name, so a class's images do not depend on which others are made.
     rng = np.random.default_rng([seed, *name.encode()])
     shape = SHAPES[name]
-    drawings = [simplify_box(jitter(shape(rng), rng)) for _ in range(n)]
+    drawings = []
+    for i in range(n):
+        if check is not None and i % 256 == 0:
+            check()
+        drawings.append(simplify_box(jitter(shape(rng), rng)))
     return rasterize(drawings)
 
 
@@ -157,7 +160,8 @@ def write_synthetic(dst: str | Path, num_classes: int = 10, per_class: int = 100
     """Write the first ``num_classes`` shapes as a numpy_bitmap folder at ``dst`` (if not there yet).
 
     The folder is built under a temporary name and renamed into place, so an interrupted
-    generation never leaves a half-written dataset that later runs would trust.
+    generation never leaves a half-written dataset that later runs would trust; Ctrl-C or SIGTERM
+    removes it. The folder gets the umask's permissions, so a shared cache is readable by others.
     """
     dst = Path(dst)
     if not 2 <= num_classes <= len(SHAPES) or per_class < 2:
@@ -168,11 +172,10 @@ def write_synthetic(dst: str | Path, num_classes: int = 10, per_class: int = 100
     if (dst / "manifest.json").exists():
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
-    try:
+    with stop_points() as check, temp_folder(dst.parent, f".{dst.name}-") as tmp:
         names = list(SHAPES)[:num_classes]
         for name in names:
-            np.save(tmp / f"{name}.npy", draw_class(name, per_class, seed))
+            np.save(tmp / f"{name}.npy", draw_class(name, per_class, seed, check))
         manifest = {"generator": "sketchsweep.synthetic", "classes": names, "per_class": per_class, "seed": seed}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         try:
@@ -180,6 +183,4 @@ def write_synthetic(dst: str | Path, num_classes: int = 10, per_class: int = 100
         except OSError:  # another process finished first: keep theirs
             if not (dst / "manifest.json").exists():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
