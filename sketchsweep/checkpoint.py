@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,7 +21,6 @@ import torch
 import yaml  # PyYAML comes with omegaconf and mlflow
 
 from sketchsweep.cli import one_line
-from sketchsweep.config import flatten
 from sketchsweep.data.views import Rows
 from sketchsweep.engine import infer
 from sketchsweep.model import SketchCNN
@@ -44,8 +44,19 @@ def read_torch_file(path: Path) -> Any:
 def save_atomic(obj: Any, path: Path) -> None:
     """Write to a temporary name, then rename: a kill mid-write never corrupts the previous file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (
+        OSError,
+        RuntimeError,
+    ) as e:  # a full disk is torch's RuntimeError "[enforce fail at inline_container.cc..."
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped part way"
+        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else 0
+        raise CheckpointError(
+            f"{path}: could not be written ({reason}); {free:.0f} MB free on its disk (full, or a file size limit?)"
+        ) from None
 
 
 @dataclass
@@ -112,14 +123,6 @@ class Checkpoint:
             torch.cuda.set_rng_state(self.rng["cuda"], device)
         if scaler is not None and self.scaler:
             scaler.load_state_dict(self.scaler)  # fp16: keep the loss scale it had found
-
-    def changed_settings(self, now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-        """``(key, now, then)`` for each setting of config ``now`` that differs from the one this
-        checkpoint was trained with (epochs, resume and MLflow settings aside)."""
-        ignore = ("trainer.resume", "trainer.epochs", "mlflow.")
-        a, b = flatten(self.config), flatten(now)
-        changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(ignore))
-        return [(k, b.get(k), a.get(k)) for k in changed]
 
     @property
     def best_weights(self) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 BAD_INPUT = 2  # a file, key, argument or model reference is wrong; the message names it and what was expected
 FAILURE = 1  # the input was fine but the work failed (a parity check, a health check, an unreadable drawing)
@@ -28,17 +29,53 @@ class UserError(ValueError):
     what is wrong and what was expected."""
 
 
+HIDDEN = "***"  # what a password is replaced with
+# Query parameters that carry a password (libpq's password, sslpassword; PyMySQL's passwd; ...).
+PASSWORD_KEY = re.compile(r"\w*(?:password|passwd|pwd)|pass", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(rf"([?&](?:{PASSWORD_KEY.pattern})=)[^&\s'\"]+", re.IGNORECASE)
+# scheme://user:rest@: the user name as SQLAlchemy reads it (no ":" or "/"); rest runs to the
+# word's last "@" before another URL, and _hide_userinfo decides how much of it is the password.
+# A "\" may stand before a ":" (Hydra's overrides escape it: mlflow.tracking_uri=http\://u\:pw@h).
+_USERINFO = re.compile(r"\b([A-Za-z][\w+.-]*\\?://[^:/\s]*):((?:(?!://)\S)*@)")
+
+
+def _hide_userinfo(m: re.Match) -> str:
+    head, rest = m.groups()
+    if head.replace("\\", "").lower().startswith(("http://", "https://")):  # urllib: the authority ends at "/?#"
+        authority = re.match(r"[^/?#]*", rest).group()
+        if "@" in authority:
+            return f"{head}:{HIDDEN}{rest[authority.rindex('@') :]}"
+        if is_host_port(f"{head.split('://', 1)[1]}:{authority}".replace("\\", "")):
+            return m.group()  # host:port, then an "@" in the path: no user info
+        # Not a host:port: a "/" in the password cut it; read as SQLAlchemy reads it.
+    first = rest.index("@")  # SQLAlchemy: the password runs to the first "@", and one in the host
+    host = re.match(r"\[?[^/:?]*", rest[first + 1 :]).group()  # is the password's (unencoded)
+    end = first + 1 + host.rindex("@") if "@" in host else first
+    return f"{head}:{HIDDEN}{rest[end:]}"
+
+
+def is_host_port(authority: str) -> bool:
+    """Whether urllib reads ``authority`` (a URL's part between ``//`` and the path) as a host
+    with a port that is a number, or none."""
+    try:
+        return isinstance(urlsplit(f"//{authority}").port, int | None)
+    except ValueError:  # a port that is no number, an IPv6 host without its "]"
+        return False
+
+
 def redact(text: str) -> str:
-    """Hide passwords in URLs: ``postgresql://user:secret@host`` -> ``postgresql://user:***@host``."""
-    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", text)
+    """``text`` with the passwords of the URLs in it hidden (``postgresql://user:***@host``,
+    ``...?password=***``), by regular expressions only: the standard-library fallback of
+    ``sketchsweep.credentials.hide_passwords`` (SQLAlchemy's parser), which says which is used where."""
+    return _QUERY_PASSWORD.sub(rf"\1{HIDDEN}", _USERINFO.sub(_hide_userinfo, text))
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:
     """A library's exception as ``Type: first line``, shortened: database drivers and exporters put
     pages of SQL, links and tracebacks in theirs."""
-    text = " ".join((str(e).strip().splitlines() or [""])[0].split())
+    text = redact(" ".join((str(e).strip().splitlines() or [""])[0].split()))  # before a cut splits a URL
     text = text if len(text) <= limit else text[: limit - 1] + "…"
-    return redact(f"{type(e).__name__}: {text}" if text else type(e).__name__)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def message(error: BaseException | str) -> str:
@@ -71,14 +108,20 @@ class Signals:
     locked, so the run could not even be marked KILLED. A second signal stops at once."""
 
     def __init__(self) -> None:
-        self.open, self.pending = False, None
+        self.open, self.pending, self.done = False, None, False
 
     def handle(self, signum, frame) -> None:
         if self.open or self.pending is not None:
             self.pending = None
             raise KeyboardInterrupt(f"signal {signum}")
         self.pending = signum
-        log.warning("signal %d: stopping after the checkpoint and log writes in progress (again: stop now)", signum)
+        if not self.done:
+            log.warning("signal %d: stopping once the writes in progress are done (again: stop now)", signum)
+
+    def settle(self) -> None:
+        """The work is complete: a signal from here on no longer cuts it. ``held_signals`` then
+        leaves it in ``pending`` for the caller to report, instead of raising it."""
+        self.done = True
 
     def check(self) -> None:
         """Raise the ``KeyboardInterrupt`` a signal held back during writes."""
@@ -111,7 +154,8 @@ def held_signals() -> Iterator[Signals]:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    signals.check()  # held through the last writes: it still stops whatever comes next
+    if not signals.done:
+        signals.check()  # held through the last writes: it still stops whatever comes next
 
 
 @contextlib.contextmanager

@@ -222,6 +222,25 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
 
+def check_values(cfg: DictConfig) -> None:
+    """Values that compose (right keys and types) but cannot be trained with: one ``ConfigError``
+    naming them, before any data is read or any run is created."""
+    t, m = cfg.trainer, cfg.model
+    if t.epochs < 1 or t.batch_size < 2 or t.eval_batch_size < 1:
+        raise ConfigError(
+            f"trainer: expected epochs >= 1, batch_size >= 2, eval_batch_size >= 1; got epochs={t.epochs}, "
+            f"batch_size={t.batch_size}, eval_batch_size={t.eval_batch_size}"
+        )
+    if m.width < 1 or m.hidden < 1 or not 0 <= m.dropout < 1:
+        raise ConfigError(
+            f"model: expected width >= 1, hidden >= 1 and 0 <= dropout < 1; got width={m.width}, "
+            f"hidden={m.hidden}, dropout={m.dropout}"
+        )
+    unknown = [o for o in cfg.sweep.objectives or [] if o not in SWEEP_OBJECTIVES]
+    if unknown:
+        raise ConfigError(f"sweep objective(s) {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"model": {"width": 64}} -> {"model.width": 64}; lists become their string form."""
     out: dict[str, Any] = {}

@@ -190,8 +190,11 @@ def check_compute(report: Report, devices: list[str]) -> None:
 # -- MLflow ----------------------------------------------------------------------------------
 
 
-def check_mlflow(report: Report, configured: str | None, artifact_root: str | None, experiment: str) -> None:
-    """Create, read back and remove a throwaway run (with an artifact) in the store training uses."""
+def check_mlflow(
+    report: Report, configured: str | None, artifact_root: str | None, experiment: str, close: bool = False, args=()
+) -> None:
+    """Create, read back and remove a throwaway run (with an artifact) in the store training uses;
+    list the runs left RUNNING by processes that are gone (``close``: end them; ``args``: for the hint)."""
     from sketchsweep.tracking import tracking_uri
 
     uri = tracking_uri(configured)
@@ -224,6 +227,34 @@ def check_mlflow(report: Report, configured: str | None, artifact_root: str | No
             report.ok(f"experiment {experiment!r} (id {exp.experiment_id}): artifacts at {exp.artifact_location}")
     except Exception as e:
         report.fail(f"{uri}: cannot read experiment {experiment!r}: {cli.one_line(e)}")
+    try:
+        check_gone_runs(report, uri, close, " ".join(args))
+    except Exception as e:
+        report.fail(f"{uri}: cannot list the runs left RUNNING: {cli.one_line(e)}")
+
+
+def check_gone_runs(report: Report, uri: str, close: bool, args: str) -> None:
+    """Runs that say RUNNING although their process (on this host) is gone: a SIGKILL, a crash,
+    an out-of-memory kill. Listed, with the command that ends them as KILLED (``close``: end them)."""
+    from mlflow.tracking import MlflowClient
+
+    from sketchsweep import store
+
+    client = MlflowClient(uri)
+    gone = store.gone_runs(client)
+    if not gone:
+        report.ok("no run is left RUNNING by a process that is gone")
+        return
+    names = ", ".join(f"{r.info.run_name} ({r.info.run_id})" for r in gone)
+    if close:
+        for run in gone:
+            store.end_gone_run(client, run.info.run_id, "its process is gone; ended by python -m sketchsweep.doctor")
+        report.ok(f"ended as KILLED: {names}")
+        return
+    report.info(
+        f"{len(gone)} run(s) left RUNNING by a process that is gone: {names}; end them as KILLED with: "
+        f"python -m sketchsweep.doctor --only mlflow --close-gone-runs {args}".rstrip()
+    )
 
 
 # -- Optuna ----------------------------------------------------------------------------------
@@ -286,10 +317,9 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str | None], list[str]]:
 SECTIONS = ("system", "mlflow", "optuna")
 
 
-def main(argv: list[str] | None = None) -> int:
-    prog = "python -m sketchsweep.doctor"
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog,
+        prog="python -m sketchsweep.doctor",
         description="Check versions, GPUs, a training step on every device, the MLflow store and the Optuna storage.",
         epilog=f"Settings checked: {', '.join(KEYS)}; other key=value arguments are ignored.",
     )
@@ -299,6 +329,16 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(SECTIONS),
         help=f"comma-separated checks to run, of {','.join(SECTIONS)} (system: versions, GPUs, training step)",
     )
+    parser.add_argument(
+        "--close-gone-runs",
+        action="store_true",
+        help="end the runs left RUNNING by processes on this host that are gone (a SIGKILL, a crash) as KILLED",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_intermixed_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     try:
@@ -322,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             settings["mlflow.tracking_uri"],
             settings["mlflow.artifact_root"],
             settings["mlflow.experiment_name"] or "sketchsweep",
+            args.close_gone_runs,
+            args.overrides,
         ),
         "optuna": lambda: check_optuna(report, settings["hydra.sweeper.storage"]),
     }

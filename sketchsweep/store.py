@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +18,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from sketchsweep.cli import check_folder, one_line
+from sketchsweep.cli import one_line
+from sketchsweep.localstore import creation_lock, write_problem
 from sketchsweep.modelref import ModelRef, ModelRefError
 from sketchsweep.tracking import artifact_location, is_server, local_store_dir, server_problem, tracking_uri
 
@@ -108,13 +110,10 @@ def _roundtrip(uri: str, artifact_root: str | None) -> str:
     # /health answers in milliseconds; MLflow's API calls to a dead server time out slowly.
     if is_server(uri) and (problem := server_problem(uri)):
         raise ConnectionError(f"the tracking server does not answer ({problem})")
-    if store_dir is not None:
-        check_folder(store_dir)
-        try:
-            store_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"cannot create the store's folder {store_dir}: {e.strerror or e}") from None
-    client = MlflowClient(uri)
+    if store_dir is not None and (problem := write_problem(store_dir)):
+        raise OSError(f"cannot create files in the store's folder {store_dir}: {problem}")
+    with creation_lock(uri):  # a fresh store is created by one process at a time (training may start now)
+        client = MlflowClient(uri)
     exp = client.get_experiment_by_name(CHECK_EXPERIMENT)
     if exp is None:
         location = artifact_location(store_dir, artifact_root, CHECK_EXPERIMENT)
@@ -165,3 +164,69 @@ def _remove_run(client, uri: str, run_id: str, artifact_uri: str, exp_id: str) -
         return  # someone keeps runs in it: leave it
     client.delete_experiment(exp_id)
     hard_delete(client, experiment_id=exp_id)
+
+
+# -- runs whose process is gone: a SIGKILL, a crash or a lost node leaves them RUNNING -----------
+
+HOST, PID, STARTED = "sketchsweep.host", "sketchsweep.pid", "sketchsweep.pid_started"  # where a run's process is
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Process ``pid``'s /proc stat fields after its name (state first); None without /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _started(fields: list[str]) -> str:
+    """When a process started (boot id, clock ticks since boot): a pid reused by another process
+    (a restarted container counts from 1 again) is not taken for the run's."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{boot}:{fields[19]}"
+
+
+def process_tags() -> dict[str, str]:
+    """The tags that let a later process tell whether this run's process is still alive."""
+    fields = _stat(os.getpid())
+    started = {STARTED: _started(fields)} if fields else {}
+    return {HOST: socket.gethostname(), PID: str(os.getpid()), **started}
+
+
+def process_gone(run) -> bool | None:
+    """Whether a RUNNING run's process has ended: None when it ran on another host or is untagged
+    (nobody here can know)."""
+    tags = run.data.tags
+    if tags.get(HOST) != socket.gethostname() or not tags.get(PID, "").isdigit():
+        return None
+    pid = int(tags[PID])
+    if pid == os.getpid():
+        return True  # this process is not the run's: its pid was reused
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive, unless its pid was reused
+        pass
+    fields = _stat(pid)
+    if fields is None:
+        return False  # alive, and no /proc to tell more
+    if fields[0] == "Z":
+        return True  # killed, not yet reaped by its parent
+    return STARTED in tags and tags[STARTED] != _started(fields)
+
+
+def gone_runs(client: MlflowClient) -> list:
+    """RUNNING runs, in every experiment, whose process on this host is gone."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'") if experiments else []
+    return [r for r in running if process_gone(r)]
+
+
+def end_gone_run(client: MlflowClient, run_id: str, why: str) -> None:
+    """End a run whose process is gone as KILLED, saying why (tag ``sketchsweep.stopped``)."""
+    client.set_tag(run_id, "sketchsweep.stopped", why)
+    client.set_terminated(run_id, "KILLED")

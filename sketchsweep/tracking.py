@@ -28,7 +28,9 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sketchsweep.cli import UserError
+from sketchsweep import credentials
+from sketchsweep.cli import UserError, one_line
+from sketchsweep.localstore import artifact_problem, creation_lock, sqlite_file, write_problem
 from sketchsweep.paths import MLRUNS, PROJECT_ROOT
 
 log = logging.getLogger("sketchsweep")
@@ -39,8 +41,16 @@ class TrackingError(UserError):
 
 
 def tracking_uri(configured: str | None) -> str:
-    """``mlflow.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the project's SQLite store."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
+    """``mlflow.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the project's SQLite store.
+    A password in it stays out of what is logged: a server's goes to MLflow through
+    ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (the URI returned has none), a database's is shared
+    with the jobs this process launches (``sketchsweep.credentials``)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
+    if is_server(uri):
+        return credentials.server_uri(uri)
+    uri = credentials.reveal(uri, "mlflow.tracking_uri")
+    credentials.share(uri)
+    return uri
 
 
 def is_server(uri: str) -> bool:
@@ -60,8 +70,8 @@ def server_problem(uri: str, timeout: float = 3.0) -> str | None:
 
 def local_store_dir(uri: str) -> Path | None:
     """The folder of a SQLite database or file store; None for servers."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).parent
+    if (db := sqlite_file(uri)) is not None:
+        return db.parent
     if uri.startswith("file:"):
         return Path(urlparse(uri).path)
     if "://" not in uri:
@@ -77,22 +87,38 @@ def artifact_location(store_dir: Path | None, artifact_root: str | None, experim
 
 
 def setup_experiment(uri: str, experiment_name: str, artifact_root: str | None) -> str:
-    """Point MLflow at ``uri`` and return the experiment id, creating the experiment if needed."""
+    """Point MLflow at ``uri`` and return the experiment id, creating the experiment if needed.
+    Local folders are checked first, the store's and the artifacts', so that a run that could not
+    keep its results does not start."""
     store_dir = local_store_dir(uri)
-    if store_dir is not None:
-        store_dir.mkdir(parents=True, exist_ok=True)
+    if store_dir is not None and (problem := write_problem(store_dir)):
+        raise TrackingError(
+            f"mlflow.tracking_uri={uri}: cannot create files in the store's folder {store_dir} ({problem}); "
+            "expected a folder this user can write (SQLite keeps its journal beside the database)"
+        )
     if is_server(uri) and (problem := server_problem(uri)):
         raise TrackingError(
             f"mlflow.tracking_uri={uri}: cannot reach the MLflow tracking server ({problem}); expected a running "
             "`mlflow server` at that address (README: Scaling out)"
         )
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    with creation_lock(uri):  # the first contact creates a fresh store: one process at a time
+        client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment_name)
+    location = artifact_location(store_dir, artifact_root, experiment_name)
+    actual = location if exp is None else exp.artifact_location
+    if problem := artifact_problem(actual, artifact_root, experiment_name, created=exp is not None):
+        raise TrackingError(problem)
     if exp is not None:
+        if artifact_root and actual != location:
+            log.warning(
+                "experiment '%s' keeps its artifacts in %s, not under mlflow.artifact_root=%s: an experiment's "
+                "artifact location is fixed when it is created, so its own is used (a new mlflow.experiment_name "
+                "would use the configured one)",
+                *(experiment_name, exp.artifact_location, artifact_root),
+            )
         return exp.experiment_id
     try:
-        location = artifact_location(store_dir, artifact_root, experiment_name)
         return client.create_experiment(experiment_name, artifact_location=location)
     except MlflowException:  # another job created it first
         exp = client.get_experiment_by_name(experiment_name)
@@ -254,9 +280,17 @@ class Run:
             mlflow.set_tag("sketchsweep.stopped", exc_type.__name__)
             mlflow.end_run("KILLED")
             return
-        try:
-            mlflow.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
-            mlflow.set_tag("sketchsweep.error", f"{exc_type.__name__}: {exc}"[:5000])
+        try:  # the reason first: when the artifact store is what failed, error.txt cannot be written
+            mlflow.set_tag("sketchsweep.error", credentials.hide_passwords(f"{exc_type.__name__}: {exc}")[:5000])
+            try:
+                mlflow.log_text(
+                    credentials.hide_passwords("".join(traceback.format_exception(exc_type, exc, tb))), "error.txt"
+                )
+            except Exception as e:  # the run still ends FAILED with its reason, and the error goes on up
+                log.error(
+                    "MLflow run %s failed: %s; its traceback could not be written as error.txt (%s)",
+                    *(self.id, one_line(exc), one_line(e)),
+                )
         finally:
             mlflow.end_run("FAILED")
 
@@ -274,9 +308,12 @@ class Run:
             try:
                 upload()
                 return
-            except Exception:
-                if not self.outbox.unreachable():
-                    raise
+            except Exception as e:
+                if not self.outbox.unreachable():  # one line for the console and the run's error tag
+                    where = f"; the run folder {self.run_dir} keeps it" if self.run_dir else ""
+                    raise TrackingError(
+                        f"MLflow could not store {what} in {self.run.info.artifact_uri} ({one_line(e)}){where}"
+                    ) from e
         log.error("MLflow server at %s unreachable: %s not uploaded (the run folder keeps it)", self.uri, what)
 
     def log_files(self, paths: list[Path], artifact_path: str | None = None) -> None:

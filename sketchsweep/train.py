@@ -34,10 +34,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sketchsweep import cli, engine, tracking
-from sketchsweep.checkpoint import Checkpoint, CheckpointError, TrainedModel, save_atomic
-from sketchsweep.config import SWEEP_OBJECTIVES, VAL_METRICS, ConfigError, flatten, register_configs
+from sketchsweep import cli, credentials, engine, resume, store, tracking
+from sketchsweep.checkpoint import Checkpoint, TrainedModel, save_atomic
+from sketchsweep.config import VAL_METRICS, check_values, flatten, register_configs
 from sketchsweep.data import Dataset, stratified_split
+from sketchsweep.data.fingerprint import fingerprint
 from sketchsweep.data.load import Placement, load_data
 from sketchsweep.evaluation import evaluation_artifacts
 from sketchsweep.export import export_onnx
@@ -84,8 +85,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
         # From here a signal waits for the write in progress (the run starts inside): see cli.Signals.
         with cli.held_signals() as signals, run:
             pruned_at = fit(recipe, run, signals)
-            summary = finish(recipe, run, pruned_at)
-        return objective_values(recipe, summary)
+            summary = finish(recipe, run, pruned_at, signals)
+            values = objective_values(recipe, summary)
+            if recipe.link is not None and pruned_at is None:
+                recipe.link.complete(values)  # recorded with the run: a signal from here on loses neither
+            signals.settle()  # everything is written: a signal now no longer cuts the run
+        if signals.pending is not None:
+            _stopped_after_completion(recipe, signals.pending)
+        return values
     finally:
         recipe.placement.close()
         del recipe  # trials in one process must not pile up GPU memory
@@ -98,11 +105,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
 
 def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     t = cfg.trainer
-    _check(cfg)
+    credentials.scrub_hydra_files(run_dir)  # Hydra copied the command line there, passwords included
+    check_values(cfg)
+    # As recorded (params, config.yaml, the checkpoint): passwords hidden; cfg keeps them for connecting.
+    resolved = credentials.scrub(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     link = TrialLink.of(cfg.sweep)
     device = engine.pick_device(t.device.value)
     data = load_data(cfg.data, device)
-    resumed = _load_checkpoint(t.resume, data.class_names)
+    resumed = resume.load(t.resume, data, resolved)
     train_idx, val_idx, test_idx = stratified_split(
         data.labels, data.class_names, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.test_fraction
     )
@@ -113,13 +123,15 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     fused = engine.optimizer_options(cfg.optimizer._target_, device)
     optimizer = instantiate(cfg.optimizer, params=model.parameters(), **fused)
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer)
-    history, best = _restore(resumed, model, optimizer, scheduler, precision.scaler, shuffle, device)
+    history, best, scheduler = resume.restore(
+        resumed, resolved, model, optimizer, scheduler, precision.scaler, shuffle, device
+    )
     placement = Placement(data, device, cfg.data.stream_order.value)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = Recipe(
         cfg=cfg,
         run_dir=run_dir,
-        resolved=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        resolved=resolved,
         device=device,
         data=data,
         placement=placement,
@@ -141,48 +153,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     )
     (run_dir / CONFIG).write_text(OmegaConf.to_yaml(recipe.resolved))
     (run_dir / CLASSES).write_text(json.dumps(data.class_names, indent=1) + "\n")
-    np.savez_compressed(run_dir / SPLIT, **recipe.splits)  # rows of the loaded data: classes sorted, files in order
+    np.savez_compressed(run_dir / SPLIT, **recipe.splits, **fingerprint(data))  # row indices; what the files held
     return recipe
-
-
-def _check(cfg: DictConfig) -> None:
-    t = cfg.trainer
-    if t.epochs < 1 or t.batch_size < 2 or t.eval_batch_size < 1:
-        raise ConfigError(
-            f"trainer: expected epochs >= 1, batch_size >= 2, eval_batch_size >= 1; got epochs={t.epochs}, "
-            f"batch_size={t.batch_size}, eval_batch_size={t.eval_batch_size}"
-        )
-    unknown = [o for o in cfg.sweep.objectives or [] if o not in SWEEP_OBJECTIVES]
-    if unknown:
-        raise ConfigError(f"sweep objective(s) {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
-
-
-def _load_checkpoint(path: str | None, class_names: list[str]) -> Checkpoint | None:
-    """``trainer.resume``'s checkpoint, checked against the data it is to continue on."""
-    if not path:
-        return None
-    try:
-        ckpt = Checkpoint.load(path)
-    except CheckpointError as e:
-        raise ConfigError(f"trainer.resume: {e}") from None
-    if ckpt.class_names != class_names:
-        raise ConfigError(
-            f"trainer.resume: the checkpoint's classes {ckpt.class_names} differ from the data's {class_names}; "
-            "resume with the data config it was trained on"
-        )
-    return ckpt
-
-
-def _restore(ckpt: Checkpoint | None, *pieces) -> tuple[list[dict[str, float]], dict[str, Any]]:
-    """The checkpoint restored into ``pieces`` (model, optimizer, scheduler, scaler, shuffle,
-    device); the history and best epoch it had."""
-    if ckpt is None:
-        return [], {"epoch": 0, "value": None, "model": None}
-    try:
-        ckpt.restore(*pieces)
-    except CheckpointError as e:
-        raise ConfigError(f"trainer.resume: {e}") from None
-    return ckpt.history, ckpt.best
 
 
 def _setup_augment(aug) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -200,18 +172,18 @@ def open_run(r: Recipe, overrides: list[str] | tuple[str, ...]) -> tracking.Run:
     """The run's MLflow run, to start with ``with``: its experiment, name, params (the whole
     resolved config), tags and parent."""
     cfg, sw = r.cfg, r.cfg.sweep
-    if r.resumed is not None:  # a changed recipe means the result is no longer one uninterrupted run
-        for key, now, then in r.resumed.changed_settings(r.resolved):
-            log.warning("resuming with %s=%s; the checkpoint was trained with %s", key, now, then)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = tracking.setup_experiment(uri, cfg.mlflow.experiment_name, cfg.mlflow.artifact_root)
+    if r.resumed is not None:
+        resume.close_previous(uri, r.resumed)
     parent = sw.parent_run_id or os.environ.get(PARENT_RUN_ENV)
     tags = {
         **({"mlflow.parentRunId": parent} if parent else {}),
         **({"optuna.study": sw.study_name, "optuna.trial": str(sw.trial_number)} if r.link else {}),
         **tracking.git_state(),
         **tracking.device_tags(r.device),
-        "hydra.overrides": " ".join(overrides),
+        **store.process_tags(),
+        "hydra.overrides": credentials.hide_passwords(" ".join(overrides)),
         "sketchsweep.run_dir": str(r.run_dir),
         "num_parameters": str(r.num_parameters),
     }
@@ -291,10 +263,11 @@ def is_better(value: float, best: float | None, objective: str) -> bool:
 # -- finish: what the run keeps ----------------------------------------------------------------
 
 
-def finish(r: Recipe, run: tracking.Run, pruned_at: int | None) -> dict[str, float]:
+def finish(r: Recipe, run: tracking.Run, pruned_at: int | None, signals: cli.Signals) -> dict[str, float]:
     """Save the last and best epochs' weights, score the test split once with the kept (best)
     weights, log the summary and files, and for a run that was not pruned its evaluation and
-    models. Returns the summary metrics."""
+    models. A signal cuts the scoring and exports (the run is KILLED, resumable from its
+    checkpoint); it waits for the writes. Returns the summary metrics."""
     t, history, best = r.cfg.trainer, r.history, r.best
     final, at_best = history[-1], history[best["epoch"] - 1]
     summary = {"best_epoch": best["epoch"]}
@@ -303,7 +276,8 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None) -> dict[str, flo
     save_atomic(best["model"], r.run_dir / BEST_WEIGHTS)
     r.model.load_state_dict(best["model"])
     if len(r.splits["test"]):
-        test = engine.evaluate(r.net, r.placement.split(r.splits["test"]), t.eval_batch_size, "test", r.precision)
+        with signals.interruptible():
+            test = engine.evaluate(r.net, r.placement.split(r.splits["test"]), t.eval_batch_size, "test", r.precision)
         summary |= test
         log.info("test (best epoch's weights): %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
     run.log_metrics(summary, step=t.epochs)
@@ -313,28 +287,36 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None) -> dict[str, flo
         if pruned_at is not None:
             r.link.mark_pruned()
     if pruned_at is None:  # what a researcher looks at and ships: only for runs that finished
-        log_deliverables(r, run)
+        log_deliverables(r, run, signals)
     log.info(
         "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",
         *(final["val_acc"], at_best["val_acc"], best["epoch"], t.objective.value, best["value"]),
     )
     log.info("run folder: %s", r.run_dir)
-    log.info("MLflow run %s in experiment '%s' at %s", run.id, r.cfg.mlflow.experiment_name, run.uri)
-    log.info("open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri %s)", run.uri)
+    log.info(
+        "MLflow run %s in experiment '%s' at %s",
+        run.id,
+        r.cfg.mlflow.experiment_name,
+        credentials.hide_passwords(run.uri),
+    )
+    log.info(
+        "open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri %s)", credentials.hide_passwords(run.uri)
+    )
     run.log_files([r.run_dir / ".hydra", r.run_dir / "train.log"])  # last, so the log is complete
     return summary
 
 
-def log_deliverables(r: Recipe, run: tracking.Run) -> None:
+def log_deliverables(r: Recipe, run: tracking.Run, signals: cli.Signals) -> None:
     """The evaluation artifacts, the PyTorch model and the ONNX export of the kept (best-epoch)
     weights, each as configured under ``mlflow.*``. A failed ONNX parity check fails the run: the
     weights and checkpoint are already saved and logged by then, so nothing is lost."""
     m, val_idx, step = r.cfg.mlflow, r.splits["val"], r.cfg.trainer.epochs
     if m.log_evaluation and len(val_idx):
         out, rows = r.run_dir / "evaluation", r.placement.rows(val_idx)
-        metrics = evaluation_artifacts(
-            r.model, rows, None, r.data.class_names, out, r.cfg.trainer.eval_batch_size, r.device, r.precision
-        )
+        with signals.interruptible():
+            metrics = evaluation_artifacts(
+                r.model, rows, None, r.data.class_names, out, r.cfg.trainer.eval_batch_size, r.device, r.precision
+            )
         run.log_metrics(metrics, step=step)
         run.log_files([out])
     example = np.ascontiguousarray(r.data.images[val_idx[:64]])  # real drawings, for signatures and parity
@@ -343,13 +325,22 @@ def log_deliverables(r: Recipe, run: tracking.Run) -> None:
         run.log_model(model, engine.to_input(torch.from_numpy(example[:2])).numpy())
     if m.log_onnx:
         trained = TrainedModel(model, r.data.class_names, r.resolved, run.id, str(r.run_dir))  # type: ignore[arg-type]
-        report = export_onnx(trained, r.run_dir / ONNX, real_images=example)
+        with signals.interruptible():
+            report = export_onnx(trained, r.run_dir / ONNX, real_images=example)
         log.info(
             "model.onnx: ONNX Runtime matches PyTorch on %d inputs (max |logit diff| %.1e)",
             *(report.num_checked, report.max_abs_diff),
         )
         run.log_metrics({"onnx_max_abs_diff": report.max_abs_diff}, step=step)
         run.log_onnx(report.path, example[:2].reshape(-1, 28, 28))
+
+
+def _stopped_after_completion(r: Recipe, signum: int) -> None:
+    """A signal that came after the run's last write: the run is complete and FINISHED (in a sweep,
+    its trial too), so nothing is to be resumed. A single run exits 0; a sweep stops."""
+    log.warning("signal %d arrived after the run's last write: the run is complete (FINISHED)", signum)
+    if r.link is not None:
+        raise KeyboardInterrupt(f"signal {signum}, after trial {r.link.number} completed")
 
 
 def objective_values(r: Recipe, summary: dict[str, float]) -> float | tuple[float, ...]:
@@ -387,7 +378,9 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
         raise
     except KeyboardInterrupt:
         ckpt = run_dir / CHECKPOINT
-        if ckpt.exists():
+        if cfg.sweep.trial_number is not None:
+            pass  # an Optuna trial: the sweep says how to go on (its command again), not trainer.resume
+        elif ckpt.exists():
             log.warning("interrupted; the last completed epoch is in %s; continue with trainer.resume=%s", ckpt, ckpt)
         else:
             log.warning("interrupted before the first epoch completed; no checkpoint was written")

@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,7 +96,9 @@ def sweep_overrides(
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    """This environment without what would steer a command (MLflow's and Hydra's settings, the
+    passwords a sweep hands its jobs): each test says what it runs with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_", "SKETCHSWEEP_SECRET_"))}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -110,6 +113,13 @@ def train_cli(overrides: list[str], cwd: Path, timeout: float = 240) -> subproce
         text=True,
         timeout=timeout,
     )
+
+
+def start_train(args: list[str], cwd: Path, **popen: Any) -> subprocess.Popen:
+    """The real entry point started in the background (a sweep with ``-m`` in ``args``), output
+    merged into ``stdout`` as text unless ``popen`` says otherwise."""
+    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} | popen
+    return subprocess.Popen([sys.executable, "-m", "sketchsweep.train", *args], cwd=cwd, env=cli_env(), **options)
 
 
 def rows_with_labels(x: np.ndarray, y: np.ndarray) -> list[bytes]:
@@ -227,6 +237,17 @@ def pg_db(postgres, request) -> str:
     return postgres.create_database(name)
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 5) -> None:
+    """Stop a process started with ``start_new_session=True`` and all it started (a server's
+    workers): SIGTERM to its process group, SIGKILL to whatever is left after ``grace`` seconds.
+    Nothing waits on a timeout that fails: a loaded machine may take its time to stop a server."""
+    for sig, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+
+
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a PostgreSQL backend store and a local artifact root."""
 
@@ -265,15 +286,8 @@ class MlflowServer:
 
     def stop(self) -> None:
         """Stop the whole server (uvicorn and its workers: it runs in its own session)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        if self.proc is not None:
+            stop_group(self.proc)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,15 @@ from sketchsweep.data import load_folder
 from sketchsweep.engine import to_input
 from sketchsweep.model import SketchCNN
 from sketchsweep.train import train
-from tests.conftest import SHARED_QUICKDRAW, cli_env, compose_config, tiny_overrides, train_cli
+from tests.conftest import (
+    SHARED_QUICKDRAW,
+    cli_env,
+    compose_config,
+    free_port,
+    stop_group,
+    tiny_overrides,
+    train_cli,
+)
 
 EPOCH_METRICS = [
     "train_loss",
@@ -386,7 +394,7 @@ def test_missing_root_and_bad_resume_are_clear_errors(tmp_path, tiny_data):
     proc = train_cli(
         ["data=quickdraw", f"data.root={tiny_data}", f"trainer.resume={tmp_path / 'nope.pt'}"], cwd=tmp_path
     )
-    assert proc.returncode == 2 and "trainer.resume:" in proc.stdout + proc.stderr and "does not exist" in proc.stdout
+    assert proc.returncode == 2 and "trainer.resume=" in proc.stdout + proc.stderr and "does not exist" in proc.stdout
 
 
 def test_grid_multirun_jobs_share_one_store_under_one_parent(tiny_data, tmp_path, store):
@@ -435,14 +443,6 @@ def test_trains_on_real_quickdraw_drawings(tmp_path, store):
     assert Path(run.data.params["data.root"]).resolve() == SHARED_QUICKDRAW.resolve()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_ui_serves_the_run_metrics_and_artifacts(quickstart):
     """What `make ui` starts, on the quickstart store: the run, its metrics and its files."""
@@ -469,6 +469,7 @@ def test_mlflow_ui_serves_the_run_metrics_and_artifacts(quickstart):
         env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: stop_group stops its uvicorn too
     )
     base = f"http://127.0.0.1:{port}"
 
@@ -492,12 +493,11 @@ def test_mlflow_ui_serves_the_run_metrics_and_artifacts(quickstart):
         assert {"checkpoint.pt", "model_weights.pth", "config.yaml"} <= {f["path"] for f in files}
         assert b"model:" in get(f"/get-artifact?path=config.yaml&run_uuid={run.info.run_id}")
     finally:
-        ui.terminate()
-        ui.wait(timeout=30)
+        stop_group(ui)
 
 
 def test_impossible_trainer_settings_are_named(tmp_path):
-    from sketchsweep.train import ConfigError
+    from sketchsweep.config import ConfigError
 
     with pytest.raises(ConfigError, match="epochs >= 1"):
         train(compose_config(["trainer.epochs=0"]), tmp_path / "run")

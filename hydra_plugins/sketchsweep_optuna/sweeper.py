@@ -31,6 +31,20 @@ def _bad_input() -> Iterator[None]:
         sys.exit(cli.BAD_INPUT)
 
 
+@contextlib.contextmanager
+def _interrupted(sweep: Sweep) -> Iterator[None]:
+    """Ctrl-C or SIGTERM, in the sweep or in a trial (which exits 130 itself): exit 130 with one
+    line saying how to continue, not a ``KeyboardInterrupt`` traceback."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and e.code != cli.INTERRUPTED:
+            raise
+        study = f"study {sweep.name}" if hasattr(sweep, "name") else "the study"
+        log.warning("sweep stopped; %s keeps its finished trials: run the same command to continue it", study)
+        sys.exit(cli.INTERRUPTED)
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, **conf: Any) -> None:
         self.settings = read_settings(conf)  # a bad setting fails now, before Hydra sets anything up
@@ -43,8 +57,9 @@ class OptunaSweeper(Sweeper):
         self.job_idx = 0
 
     def sweep(self, arguments: list[str]) -> None:
-        with _bad_input():
-            Sweep(self.settings, self.config, self._launch).run(arguments)
+        sweep = Sweep(self.settings, self.config, self._launch)
+        with _bad_input(), _interrupted(sweep):
+            sweep.run(arguments)
 
     def _launch(self, overrides: list[Sequence[str]]) -> Sequence[JobReturn]:
         self.validate_batch_is_legal(overrides)

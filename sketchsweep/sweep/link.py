@@ -3,7 +3,9 @@ objective after every epoch, and stop when the pruner says so.
 
 The sweeper passes ``sweep.study_name``, ``sweep.storage`` and ``sweep.trial_number`` to each job,
 so the job reaches its trial through the storage itself: this works with any launcher (in-process,
-joblib, submitit), not only when the job runs inside the sweeper's process.
+joblib, submitit), not only when the job runs inside the sweeper's process. A storage password is
+not in the override (it is logged and recorded): the job finds the real URL in the environment
+the sweeper hands its launcher (``sketchsweep.credentials``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import optuna
 from optuna.trial import TrialState
 
+from sketchsweep.credentials import reveal
 from sketchsweep.sweep.space import make_pruner
 from sketchsweep.sweep.storage import open_storage, trial_id
 
@@ -39,7 +42,8 @@ class TrialLink:
         """The trial a job's ``sweep.*`` config names (None outside a sweep)."""
         if sweep.trial_number is None:
             return None
-        return cls(sweep.study_name, sweep.storage, sweep.trial_number, sweep.pruner, sweep.pruner_kwargs)
+        storage = reveal(sweep.storage, "sweep.storage")
+        return cls(sweep.study_name, storage, sweep.trial_number, sweep.pruner, sweep.pruner_kwargs)
 
     def report(self, value: float, epoch: int) -> bool:
         """Report the objective at ``epoch``; True when the pruner says to stop this trial."""
@@ -51,3 +55,9 @@ class TrialLink:
     def mark_pruned(self) -> None:
         """PRUNED in the study (not FAIL); the sweeper's own tell then leaves it alone."""
         self.study.tell(self.number, state=TrialState.PRUNED)
+
+    def complete(self, values: float | tuple[float, ...]) -> None:
+        """COMPLETE with ``values`` in the study, from the job itself (a sweep stopped by a signal
+        right after this trial ends tells it here, so the finished trial is not lost as FAIL); a
+        trial already PRUNED stays so."""
+        self.study.tell(self.number, list(values) if isinstance(values, tuple) else values, skip_if_finished=True)

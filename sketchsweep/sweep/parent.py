@@ -17,7 +17,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from sketchsweep import tracking
+from sketchsweep import store, tracking
+from sketchsweep.cli import redact
 
 log = logging.getLogger("sketchsweep")
 
@@ -113,9 +114,8 @@ class SweepRun:
             "and attributes.status = 'RUNNING'",
         )
         for run in runs:
-            self.client.set_tag(run.info.run_id, "sketchsweep.stopped", why)
             self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
-            self.client.set_terminated(run.info.run_id, "KILLED")
+            store.end_gone_run(self.client, run.info.run_id, why)
 
     def _log_study(self, study) -> None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -185,7 +185,7 @@ class MultirunParent(Callback):
         uri = tracking.tracking_uri(config.mlflow.tracking_uri)
         experiment_id = tracking.setup_experiment(uri, config.mlflow.experiment_name, config.mlflow.artifact_root)
         self.client = MlflowClient(uri)
-        name = f"multirun {' '.join(config.hydra.overrides.task)}"[:250]
+        name = redact(f"multirun {' '.join(config.hydra.overrides.task)}")[:250]  # the overrides as typed
         tags = {"sketchsweep.role": "multirun", "sketchsweep.sweep_dir": str(config.hydra.sweep.dir)}
         tags |= tracking.git_state()
         self.run = self.client.create_run(experiment_id, run_name=name, tags=tags)

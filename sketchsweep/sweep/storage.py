@@ -1,17 +1,22 @@
-"""Where a study lives: a journal file (one sweep process; the default, under ``mlruns/optuna/``)
-or a database (several workers, with heartbeats so a dead worker's trial is taken over); and the
-doctor's check that a storage opens (a throwaway study created, used and deleted)."""
+"""Where a study lives: a journal file (one sweep process, which owns the study through a lock
+beside the journal; the default, under ``mlruns/optuna/``) or a database (several workers, with
+heartbeats so a dead worker's trial is taken over); and the doctor's check that a storage opens
+(a throwaway study created, used and deleted)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -28,6 +33,10 @@ class StorageError(UserError):
     """A storage URL that cannot be used: a missing driver or a database that cannot be reached."""
 
 
+class StudyBusy(UserError):
+    """A journal study that another sweep process owns."""
+
+
 def storage_url(spec: str) -> str:
     """``postgresql://`` and ``postgres://`` mean psycopg 3 here (the ``[postgres]`` extra), not
     SQLAlchemy's default psycopg2; any other URL is kept as given."""
@@ -37,6 +46,62 @@ def storage_url(spec: str) -> str:
 def is_database(spec: str) -> bool:
     """A database URL (several workers may share its studies), not a journal file path."""
     return "://" in spec
+
+
+def owner_path(journal: str, study_name: str) -> Path:
+    """The lock file of a journal study, beside the journal (not ``<journal>.lock``: Optuna's own
+    short write lock has that name). One per study, so studies sharing a journal do not block each other."""
+    path, safe = Path(journal).expanduser(), re.sub(r"[^\w.-]+", "_", study_name)
+    return path.with_name(f"{path.name}.{safe}.owner")
+
+
+def _owner(fd: int) -> str | None:
+    """Who the lock file names (``pid N on this host`` / ``on host H``); None when it names no one."""
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0))
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return f"pid {pid} on " + ("this host" if host == socket.gethostname() else f"host {host}")
+
+
+@contextlib.contextmanager
+def journal_owner(journal: str, study_name: str) -> Iterator[Path]:
+    """Own a journal study while the sweep runs: a second sweep process on it would fail the first
+    one's running trial and run trials twice. An OS lock (flock) on ``owner_path``, so a sweep that
+    dies, even by SIGKILL, frees it; the file names the owner (host and pid) for the messages.
+    Raises ``StudyBusy`` when another process owns the study."""
+    path = owner_path(journal, study_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyBusy(
+                f"study {study_name} in {journal} is being swept by another process: {_owner(fd) or 'a sweep'} "
+                f"holds {path}. A journal study takes one sweep process at a time: wait for that one to end, or "
+                "run several workers on a database storage, e.g. "
+                "hydra.sweeper.storage=postgresql+psycopg://user@host/optuna (README: Scaling out)"
+            ) from None
+        except OSError as e:  # a file system without flock (some network mounts): run, but say so
+            log.warning("study %s: cannot lock %s (%s): a second sweep on it would not be refused", study_name, path, e)
+        else:
+            if previous := _owner(fd):
+                log.warning(
+                    "study %s: taking over %s from %s, a sweep that ended without releasing it",
+                    study_name,
+                    path,
+                    previous,
+                )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # released: no owner to name (a killed sweep leaves its name, and no lock)
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 # Jobs in one process share one engine (connection pool) per URL instead of one per trial.

@@ -8,6 +8,7 @@ continues it: ``n_trials`` is the study's total, across every worker that shares
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,8 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from sketchsweep import cli
 from sketchsweep.cli import UserError, redact
 from sketchsweep.config import SWEEP_OBJECTIVES
+from sketchsweep.credentials import share
 from sketchsweep.sweep import WORKER_ENV
 from sketchsweep.sweep.parent import SweepRun
 from sketchsweep.sweep.space import (
@@ -41,7 +44,15 @@ from sketchsweep.sweep.space import (
     make_sampler,
 )
 from sketchsweep.sweep.space import search_space as parse_space
-from sketchsweep.sweep.storage import JOURNAL_DIR, Heartbeat, fail_stale, is_database, open_storage, trial_id
+from sketchsweep.sweep.storage import (
+    JOURNAL_DIR,
+    Heartbeat,
+    fail_stale,
+    is_database,
+    journal_owner,
+    open_storage,
+    trial_id,
+)
 
 log = logging.getLogger("sketchsweep.sweeper")
 
@@ -59,7 +70,7 @@ class SweeperSettings:
     # typed {}: hydra.sweeper.pruner_kwargs={...} must be able to set new keys (a struct {} refuses
     # them, and OmegaConf 2.3 cannot merge a dict into a typed null).
     sampler_kwargs: Any = None
-    seed: int | None = None  # the sampler's; worker k of several uses seed + k
+    seed: int | None = None  # the sampler's, offset by the worker and the study's progress: sampler_seed
     pruner: Pruner = Pruner.median
     pruner_kwargs: Any = None
     # One metric and direction, or lists of them for a multi-objective study (checked by
@@ -108,6 +119,17 @@ def read_settings(conf: dict[str, Any]) -> tuple[DictConfig, list[str], list[str
     return settings, objectives, directions
 
 
+SEED_STRIDE = 10_007  # more workers than this on one study are not expected: see sampler_seed
+
+
+def sampler_seed(seed: int | None, worker: int, progress: int) -> int | None:
+    """The sampler's seed for worker ``worker`` joining a study of ``progress`` trials: ``seed + worker``
+    on a new study (workers on one seed would sample alike), and a new one each time a study is
+    resumed (a killed sweep run again, a worker restarted): the seed it started with would propose
+    again, in order, what the study already trained."""
+    return None if seed is None else (seed + worker + progress * SEED_STRIDE) % 2**32
+
+
 def _recorded(study: optuna.Study, number: int) -> bool:
     """Whether trial ``number``'s result is in the study (COMPLETE or PRUNED)."""
     return any(t.number == number and t.state in DONE for t in study.get_trials(deepcopy=False))
@@ -127,9 +149,21 @@ class Sweep:
         self.parent: SweepRun | None = None
         self.in_flight: list[optuna.Trial] = []  # asked, launched, not yet told
         self.failures = 0
+        self.signals = cli.Signals()
 
     def run(self, arguments: list[str]) -> None:
-        """Sweep over ``hydra.sweeper.params`` and the command line's sweep overrides."""
+        """Sweep over ``hydra.sweeper.params`` and the command line's sweep overrides.
+
+        SIGTERM (``kill``, a scheduler's preemption) stops a sweep as Ctrl-C does, at any moment:
+        at once while a trial runs (its training holds signals through its own writes, then gives
+        this handler back), otherwise once the write to the study or MLflow in progress is done.
+        SIGTERM's default action would end the process with its trials and parent run RUNNING."""
+        with cli.held_signals() as self.signals:
+            self._run(arguments)
+        if self.signals.pending is not None:  # came after the study's last trial: nothing was cut
+            log.warning("signal %d arrived after the study's last trial: the sweep is complete", self.signals.pending)
+
+    def _run(self, arguments: list[str]) -> None:
         s = self.settings
         space, fixed = parse_space([*as_overrides(_plain(s.params)), *arguments])
         if not space:
@@ -144,10 +178,18 @@ class Sweep:
         self.name = self._study_name(space, fixed)
         self.spec = str(s.storage) if s.storage else str(JOURNAL_DIR / f"{self.name}.journal")
         self.shared = is_database(self.spec)  # several workers may share the study
+        # A journal study has one sweep process: it owns the study until it ends (or dies).
+        with contextlib.nullcontext() if self.shared else journal_owner(self.spec, self.name):
+            self._sweep(space, fixed)
+
+    def _sweep(self, space: dict[str, BaseDistribution], fixed: Fixed) -> None:
         study, created = self._open(space)
         self.parent = SweepRun(self.config, study, space, self.objectives, self.directions, created)
+        if not self.shared:
+            self._fail_orphans(study)
         try:
             self._loop(study, space, fixed)
+            self.signals.settle()  # every trial is told: a signal from here on cuts nothing
         except BaseException as e:  # Ctrl-C: KILLED; too many failures or a bad override: FAILED
             for trial in self.in_flight:  # a trial cut off here will never finish
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -173,27 +215,40 @@ class Sweep:
             grace_period=s.grace_period if self.shared else None,
             on_stale=self._on_stale if self.shared else None,
         )
-        # Workers on one study with one seed would sample the same params: offset it by the worker's index.
-        seed = None if s.seed is None else s.seed + int(os.environ.get(WORKER_ENV, "0"))
+        seed = sampler_seed(s.seed, int(os.environ.get(WORKER_ENV, "0")), self._progress())
         sampler = make_sampler(s.sampler, space, _plain(s.sampler_kwargs), seed, self.shared)
         kwargs = {"storage": self.storage, "sampler": sampler, "pruner": make_pruner(s.pruner, _plain(s.pruner_kwargs))}
         try:  # the worker that creates the study also creates its MLflow parent run
             study, created = optuna.create_study(study_name=self.name, directions=self.directions, **kwargs), True
         except optuna.exceptions.DuplicatedStudyError:
             study, created = optuna.load_study(study_name=self.name, **kwargs), False
-        if not self.shared:
-            # A journal study has one sweep process: a trial left RUNNING is from a killed sweep and
-            # will never finish, so it is a failure (not counted towards n_trials).
-            # (WAITING trials are enqueued ones: ask() runs them; Optuna cannot tell() them.)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         done = len(study.get_trials(deepcopy=False, states=DONE))
         log.info(
-            "study %s (%s): %d of %d trials done; sampler %s, pruner %s; storage %s",
-            *(self.name, ", ".join(self.directions), done, self.n_trials, _names(s.sampler)[0], _names(s.pruner)[0]),
-            redact(self.spec),
+            "study %s (%s): %d of %d trials done; sampler %s (seed %s), pruner %s; storage %s",
+            *(self.name, ", ".join(self.directions), done, self.n_trials, _names(s.sampler)[0], seed),
+            *(_names(s.pruner)[0], redact(self.spec)),
         )
         return study, created
+
+    def _progress(self) -> int:
+        """How many trials the study has (any state): 0 for a new study."""
+        try:
+            study_id = self.storage.get_study_id_from_name(self.name)
+        except KeyError:
+            return 0
+        return len(self.storage.get_all_trials(study_id, deepcopy=False))
+
+    def _fail_orphans(self, study: optuna.Study) -> None:
+        """A journal study has one sweep process (it owns the study): a trial left RUNNING is from a
+        sweep that was killed and will never finish. It is FAIL (not counted towards n_trials) and
+        its MLflow run KILLED, as a dead worker's is on a database.
+        (WAITING trials are enqueued ones: ask() runs them; Optuna cannot tell() them.)"""
+        why = "its sweep was killed while it ran (found RUNNING when the study was resumed): optuna FAIL"
+        assert self.parent is not None
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            log.warning("trial %d: %s", t.number, why)
+            self.parent.end_lost_trial(self.name, t.number, why)
 
     def _loop(self, study: optuna.Study, space: dict[str, BaseDistribution], fixed: Fixed) -> None:
         s = self.settings
@@ -203,20 +258,23 @@ class Sweep:
             states = [t.state for t in study.get_trials(deepcopy=False)]
             done, running = sum(st in DONE for st in states), states.count(TrialState.RUNNING)
             if done >= self.n_trials:
-                return
+                return  # a signal held meanwhile is too late to cut anything
+            self.signals.check()  # a signal held through the last writes stops the sweep here
             free = self.n_trials - done - running  # WAITING trials (retries) fill free slots
             if free <= 0:
                 if not self.shared:
                     return
                 # The rest is running on other workers: stay, to take over their trials if they die.
-                time.sleep(min(2.0, s.heartbeat_interval))
+                with self.signals.interruptible():
+                    time.sleep(min(2.0, s.heartbeat_interval))
                 continue
             self._ask(study, space, min(s.n_jobs, free))
             if not self.in_flight:
                 continue
             overrides = [self._overrides(t, fixed) for t in self.in_flight]
             ids = [trial_id(study, t.number) for t in self.in_flight]
-            with Heartbeat(self.storage if self.shared else None, ids, s.heartbeat_interval):
+            heartbeat = Heartbeat(self.storage if self.shared else None, ids, s.heartbeat_interval)
+            with heartbeat, self.signals.interruptible():  # a trial's setup, or the whole job on another launcher
                 returns = self.launch(overrides)
             self._tell(study, returns)
             self.in_flight = []
@@ -293,7 +351,7 @@ class Sweep:
         assert self.parent is not None
         sweep = [
             f"sweep.study_name={self.name}",
-            f"sweep.storage='{self.spec}'",
+            f"sweep.storage='{share(self.spec)}'",  # password hidden: the job finds it in the environment
             f"sweep.trial_number={trial.number}",
             f"sweep.objectives=[{','.join(self.objectives)}]",
             f"sweep.parent_run_id={self.parent.run_id}",
@@ -303,7 +361,9 @@ class Sweep:
         if OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == "${hydra.job.num}":
             # Job numbers restart at 0 in every worker; trial numbers are unique in the study.
             sweep.append(f"hydra.sweep.subdir=trial-{trial.number}")
-        return (*as_overrides(trial.params), *as_overrides(fixed), *sweep)
+        # Overrides are logged and recorded: a password in one (a tracking URI's) reaches the job
+        # through the environment instead (sketchsweep.tracking.tracking_uri shared it).
+        return (*as_overrides(trial.params), *map(redact, as_overrides(fixed)), *sweep)
 
     def _log_best(self, study: optuna.Study) -> None:
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
