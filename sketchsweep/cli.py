@@ -139,6 +139,14 @@ class Signals:
             self.open = False
 
 
+def hand_back(signum: int) -> None:
+    """Pass on a signal that came when the work was complete (``Signals.settle``) to the
+    ``held_signals`` around this one, if any (a sweep's): it stops there at its next check."""
+    owner = getattr(signal.getsignal(signum), "__self__", None)
+    if isinstance(owner, Signals) and owner.pending is None:
+        owner.pending = signum
+
+
 @contextlib.contextmanager
 def held_signals() -> Iterator[Signals]:
     """Route SIGTERM and SIGINT through a ``Signals`` for the duration (main thread only)."""

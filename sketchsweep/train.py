@@ -91,7 +91,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
                 recipe.link.complete(values)  # recorded with the run: a signal from here on loses neither
             signals.settle()  # everything is written: a signal now no longer cuts the run
         if signals.pending is not None:
-            _stopped_after_completion(recipe, signals.pending)
+            log.warning("signal %d arrived after the run's last write: it is complete (FINISHED)", signals.pending)
+            cli.hand_back(signals.pending)  # in a sweep: it stops before the next trial
         return values
     finally:
         recipe.placement.close()
@@ -333,14 +334,6 @@ def log_deliverables(r: Recipe, run: tracking.Run, signals: cli.Signals) -> None
         )
         run.log_metrics({"onnx_max_abs_diff": report.max_abs_diff}, step=step)
         run.log_onnx(report.path, example[:2].reshape(-1, 28, 28))
-
-
-def _stopped_after_completion(r: Recipe, signum: int) -> None:
-    """A signal that came after the run's last write: the run is complete and FINISHED (in a sweep,
-    its trial too), so nothing is to be resumed. A single run exits 0; a sweep stops."""
-    log.warning("signal %d arrived after the run's last write: the run is complete (FINISHED)", signum)
-    if r.link is not None:
-        raise KeyboardInterrupt(f"signal {signum}, after trial {r.link.number} completed")
 
 
 def objective_values(r: Recipe, summary: dict[str, float]) -> float | tuple[float, ...]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import optuna
 import pytest
@@ -20,7 +21,7 @@ from optuna.trial import TrialState
 
 from sketchsweep.sweep.storage import StudyBusy, journal_owner, owner_path
 from sketchsweep.sweep.study import sampler_seed
-from tests.conftest import cli_env, sweep_overrides, train_cli
+from tests.conftest import start_train, sweep_overrides, train_cli
 from tests.test_sweep import load, runs, sweep_args
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -71,9 +72,7 @@ def test_two_identical_sweeps_at_once_the_second_is_refused(tiny_data, tmp_path)
         tiny_data, tmp_path, "hydra.sweeper.n_trials=50", "hydra.sweeper.pruner=none", "model.width=choice(4,8)"
     )
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "sketchsweep.train", *args], cwd=tmp_path, env=cli_env(), stdout=log, stderr=log
-        )
+        first = start_train(args, tmp_path, stdout=log, stderr=log, text=False)
     try:
         while not (
             (tmp_path / "study.journal").exists() and any(t.state == TrialState.RUNNING for t in load(tmp_path).trials)
@@ -117,17 +116,10 @@ def _trial_0_told(tmp_path) -> bool:
         return False
 
 
-@pytest.mark.parametrize("moment", [_study_set_up, _trial_0_set_up, _trial_0_told], ids=lambda f: f.__name__[1:])
-def test_a_sigterm_at_any_moment_ends_the_sweep_killed_with_nothing_left_running(tiny_data, tmp_path, moment):
-    """Outside a trial's training too (the study or a trial being set up, between trials), SIGTERM
-    stops the sweep as Ctrl-C does: exit 130, the parent run KILLED, no trial RUNNING in Optuna or MLflow."""
-    args = sweep_args(
-        tiny_data, tmp_path, "hydra.sweeper.n_trials=20", "hydra.sweeper.pruner=none", "model.width=choice(4,8)"
-    )
+def _sigterm_when(moment, args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """Run the sweep, send it SIGTERM as soon as ``moment(tmp_path)`` holds; its exit and output."""
     with open(tmp_path / "sweep.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sketchsweep.train", *args], cwd=tmp_path, env=cli_env(), stdout=log, stderr=log
-        )
+        proc = start_train(args, tmp_path, stdout=log, stderr=log, text=False)
     try:
         while not moment(tmp_path):
             assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
@@ -137,7 +129,17 @@ def test_a_sigterm_at_any_moment_ends_the_sweep_killed_with_nothing_left_running
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = (tmp_path / "sweep.log").read_text()
+    return proc, (tmp_path / "sweep.log").read_text()
+
+
+@pytest.mark.parametrize("moment", [_study_set_up, _trial_0_set_up, _trial_0_told], ids=lambda f: f.__name__[1:])
+def test_a_sigterm_at_any_moment_ends_the_sweep_killed_with_nothing_left_running(tiny_data, tmp_path, moment):
+    """Outside a trial's training too (the study or a trial being set up, between trials), SIGTERM
+    stops the sweep as Ctrl-C does: exit 130, the parent run KILLED, no trial RUNNING in Optuna or MLflow."""
+    args = sweep_args(
+        tiny_data, tmp_path, "hydra.sweeper.n_trials=20", "hydra.sweeper.pruner=none", "model.width=choice(4,8)"
+    )
+    proc, out = _sigterm_when(moment, args, tmp_path)
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "run the same command to continue" in out.splitlines()[-1], out[-3000:]
     trials = load(tmp_path).trials
@@ -151,20 +153,7 @@ def test_a_sigterm_at_any_moment_ends_the_sweep_killed_with_nothing_left_running
 
 def test_a_sigterm_once_the_last_trial_is_recorded_changes_nothing(tiny_data, tmp_path):
     args = sweep_args(tiny_data, tmp_path, "hydra.sweeper.n_trials=1", "model.width=choice(4,8)")
-    with open(tmp_path / "sweep.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sketchsweep.train", *args], cwd=tmp_path, env=cli_env(), stdout=log, stderr=log
-        )
-    try:
-        while not _trial_0_told(tmp_path):
-            assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = (tmp_path / "sweep.log").read_text()
+    proc, out = _sigterm_when(_trial_0_told, args, tmp_path)
     assert proc.returncode == 0, out[-3000:]
     assert "trainer.resume" not in out and "run the same command" not in out
     assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE]
@@ -203,15 +192,7 @@ def test_a_sigkilled_sweep_resumes_without_repeats_or_orphan_runs(tiny_data, tmp
         "optimizer.lr=tag(log,interval(1e-4,1e-2))",
         epochs=16,  # long enough that trial 1 is still training when it is killed
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sketchsweep.train", *args],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_train(args, tmp_path, start_new_session=True)
     lines = _kill_during(proc, trial=1)
     killed = load(tmp_path).trials
     assert [t.state for t in killed] == [TrialState.COMPLETE, TrialState.RUNNING], "".join(lines)[-3000:]
