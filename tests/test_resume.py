@@ -120,6 +120,10 @@ def test_a_pruned_trial_stays_pruned_when_its_job_reports_completion(tmp_path):
     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     TrialLink("s", storage, trial.number, "none", None).complete(0.5)  # a signal after the last write
     assert study.trials[0].state == optuna.trial.TrialState.PRUNED
+    nan, done = study.ask(), study.ask()
+    TrialLink("s", storage, nan.number, "none", None).complete(float("nan"))  # the sweeper's to fail
+    TrialLink("s", storage, done.number, "none", None).complete((0.7,))
+    assert [t.state.name for t in study.trials[1:]] == ["RUNNING", "COMPLETE"] and study.trials[2].value == 0.7
 
 
 def test_resume_rebuilds_a_changed_step_schedule_at_the_current_epoch(tiny_data, tmp_path, store):

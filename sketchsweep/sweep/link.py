@@ -11,6 +11,7 @@ the sweeper hands its launcher (``sketchsweep.credentials``).
 from __future__ import annotations
 
 import json
+import math
 
 import optuna
 from optuna.trial import TrialState
@@ -57,7 +58,9 @@ class TrialLink:
         self.study.tell(self.number, state=TrialState.PRUNED)
 
     def complete(self, values: float | tuple[float, ...]) -> None:
-        """COMPLETE with ``values`` in the study, from the job itself (a sweep stopped by a signal
-        right after this trial ends tells it here, so the finished trial is not lost as FAIL); a
-        trial already PRUNED stays so."""
-        self.study.tell(self.number, list(values) if isinstance(values, tuple) else values, skip_if_finished=True)
+        """COMPLETE with ``values`` in the study, from the job itself, with its MLflow run (a signal
+        right after it then loses neither); a trial already PRUNED stays so. Non-finite values are
+        left to the sweeper, which counts them as a failure."""
+        values = list(values) if isinstance(values, tuple) else [values]
+        if all(math.isfinite(v) for v in values):
+            self.study.tell(self.number, values, skip_if_finished=True)
