@@ -135,6 +135,7 @@ def test_resume_rebuilds_a_changed_step_schedule_at_the_current_epoch(tiny_data,
     assert lrs == pytest.approx([1e-3, 5e-4, 1e-3 * 0.1**2, 1e-3 * 0.1**3])
 
 
+@pytest.mark.slow
 def test_a_resume_that_cannot_be_honoured_is_one_line_before_a_run(tiny_data, tmp_path, store):
     first = tiny_overrides(tiny_data, store, tmp_path / "first", "trainer.epochs=1")
     assert train_cli(first, cwd=tmp_path).returncode == 0

@@ -132,6 +132,7 @@ def _sigterm_when(moment, args: list[str], tmp_path: Path) -> tuple[subprocess.P
     return proc, (tmp_path / "sweep.log").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", [_study_set_up, _trial_0_set_up, _trial_0_told], ids=lambda f: f.__name__[1:])
 def test_a_sigterm_at_any_moment_ends_the_sweep_killed_with_nothing_left_running(tiny_data, tmp_path, moment):
     """Outside a trial's training too (the study or a trial being set up, between trials), SIGTERM
@@ -151,6 +152,7 @@ def test_a_sigterm_at_any_moment_ends_the_sweep_killed_with_nothing_left_running
     assert complete == {int(c.data.tags["optuna.trial"]) for c in children if c.info.status == "FINISHED"}
 
 
+@pytest.mark.slow
 def test_a_sigterm_once_the_last_trial_is_recorded_changes_nothing(tiny_data, tmp_path):
     args = sweep_args(tiny_data, tmp_path, "hydra.sweeper.n_trials=1", "model.width=choice(4,8)")
     proc, out = _sigterm_when(_trial_0_told, args, tmp_path)

@@ -65,6 +65,7 @@ def ours(caplog, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "sketchsweep" and r.levelno >= level]
 
 
+@pytest.mark.slow
 def test_jobs_opening_a_fresh_store_at_once_all_succeed(tmp_path):
     """MLflow creates and migrates an empty SQLite database on first contact; two processes doing
     it at once collided (`duplicate column name: step`, `table experiments already exists`) in
@@ -112,6 +113,7 @@ def test_an_unwritable_store_folder_is_one_line_before_training(tiny_data, tmp_p
     assert f"mlflow.tracking_uri={store}: cannot create files in the store's folder {folder}" in line
 
 
+@pytest.mark.slow
 def test_an_unwritable_artifact_root_is_found_before_training(tiny_data, tmp_path, store, unwritable):
     root = unwritable(tmp_path / "artifacts")
     proc = train_cli(tiny_overrides(tiny_data, store, tmp_path / "run", f"mlflow.artifact_root={root}"), cwd=tmp_path)
