@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,23 +180,36 @@ def cross_png(path, side: int, rgba: bool = False) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
+def peak_memory_loading(png: Path, npy: Path, setup: str = "") -> tuple[int, int]:
+    """``load_image(png)`` saved to ``npy`` in a fresh process (after ``setup``): its peak memory in
+    MB, and how much the peak grew while loading. VmHWM is this process's own: ru_maxrss would count
+    what the test process held when it forked."""
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from sketchsweep import predict\n"
+        f"{setup}\n"
+        "def peak():\n"
+        "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+        "before = peak()\n"
+        "np.save(sys.argv[2], predict.load_image(sys.argv[1]))\n"
+        "print(peak() // 1024, (peak() - before) // 1024)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(png), str(npy)], env=cli_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak, growth = proc.stdout.split()
+    return int(peak), int(growth)
+
+
 def test_a_big_image_is_reduced_before_it_is_read(tmp_path):
     """6000 x 6000 px: framed like the same drawing at 600 px, in a bounded amount of memory (about 1.2 GB
     when the whole canvas went through the float pipeline; well under half that now)."""
     cross_png(tmp_path / "big.png", 6000)
     cross_png(tmp_path / "small.png", 600)
-    code = (
-        "import sys\n"
-        "import numpy as np\n"
-        "from sketchsweep.predict import load_image\n"
-        "np.save(sys.argv[2], load_image(sys.argv[1]))\n"
-        # This process's peak (VmHWM): ru_maxrss would count what the test process held when it forked.
-        "print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')) // 1024)\n"
-    )
-    args = [sys.executable, "-c", code, str(tmp_path / "big.png"), str(tmp_path / "big.npy")]
-    proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) < 700, f"peak memory {proc.stdout.strip()} MB"
+    peak, _ = peak_memory_loading(tmp_path / "big.png", tmp_path / "big.npy")
+    assert peak < 700, f"peak memory {peak} MB"
     big, small = np.load(tmp_path / "big.npy"), load_image(tmp_path / "small.png")
     assert big.max() >= 240 and np.abs(big.astype(int) - small).mean() < 4
 
@@ -206,22 +220,10 @@ def test_a_big_image_is_reduced_without_full_size_converted_copies(tmp_path):
     greyscale-and-alpha, then reducing, took two and a half times as much)."""
     cross_png(tmp_path / "big.png", 6000, rgba=True)
     cross_png(tmp_path / "small.png", 600, rgba=True)
-    code = (
-        "import sys\n"
-        "import numpy as np\n"
-        "from sketchsweep import predict\n"
-        "predict.LOAD_SIDE = 256  # so that what follows the reduction (floats, LOAD_SIDE px square) weighs little\n"
-        "def peak():\n"
-        "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
-        "before = peak()\n"
-        "np.save(sys.argv[2], predict.load_image(sys.argv[1]))\n"
-        "print((peak() - before) // 1024)\n"
-    )
-    args = [sys.executable, "-c", code, str(tmp_path / "big.png"), str(tmp_path / "big.npy")]
-    proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    # LOAD_SIDE 256: what follows the reduction (floats, LOAD_SIDE px square) weighs little
+    _, growth = peak_memory_loading(tmp_path / "big.png", tmp_path / "big.npy", "predict.LOAD_SIDE = 256")
     decoded = 6000 * 6000 * 4 // 2**20
-    assert int(proc.stdout) < decoded * 1.5, f"peak memory grew by {proc.stdout.strip()} MB reading {decoded} MB"
+    assert growth < decoded * 1.5, f"peak memory grew by {growth} MB reading {decoded} MB"
     big, small = np.load(tmp_path / "big.npy"), load_image(tmp_path / "small.png")
     assert big.max() >= 240 and np.abs(big.astype(int) - small).mean() < 4
 
