@@ -6,7 +6,7 @@
 Both run the same thing: uint8 (N, 28, 28) drawings in, logits and softmax out (PyTorch converts
 and normalizes with training's ``to_input``; the ONNX graph does it inside). The models are
 random-init SketchCNNs (hidden 256) with 345 classes, Quick, Draw!'s full set: speed does not
-depend on the weights. Each is exported with ``sketchsweep.export.export_onnx`` (so parity is
+depend on the weights. Each is exported with ``sketchsweep.onnx_export.export_onnx`` (so parity is
 checked too) and run on synthetic drawings. PyTorch runs under ``torch.inference_mode``; both use
 their default thread counts. Latency: p50/p99 of 300 single-drawing calls; throughput: the median
 of 10 calls on 256 drawings; the two runtimes are timed in alternating rounds, so load from other
@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from sketchsweep.checkpoint import TrainedModel  # noqa: E402
 from sketchsweep.data.synthetic import SHAPES, draw_class  # noqa: E402
 from sketchsweep.engine import to_input  # noqa: E402
-from sketchsweep.export import export_onnx  # noqa: E402
 from sketchsweep.model import SketchCNN  # noqa: E402
+from sketchsweep.onnx_export import export_onnx  # noqa: E402
 
 
 def drawings(n: int) -> np.ndarray:

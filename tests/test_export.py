@@ -15,16 +15,10 @@ import torch
 
 from sketchsweep.checkpoint import TrainedModel, load_trained
 from sketchsweep.data.synthetic import draw_class
-from sketchsweep.export import (
-    ExportError,
-    ParityError,
-    check_parity,
-    default_out,
-    export_onnx,
-    main,
-)
+from sketchsweep.export import default_out, main
 from sketchsweep.model import SketchCNN
 from sketchsweep.modelref import BEST_WEIGHTS
+from sketchsweep.onnx_export import ExportError, ParityError, check_parity, export_onnx
 from sketchsweep.onnx_model import INPUT_CONTRACT
 from tests.conftest import tiny_overrides, train_cli
 
