@@ -6,14 +6,18 @@ Standard library only: ``predict`` with an ``.onnx`` model must not pay for torc
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 BAD_INPUT = 2  # a file, key, argument or model reference is wrong; the message names it and what was expected
@@ -177,3 +181,28 @@ def progress_bar(n_images: int, batch_size: int, desc: str) -> Iterator[Callable
 
     with tqdm(total=math.ceil(n_images / batch_size), desc=desc, unit="batch", leave=False) as bar:
         yield bar.update
+
+
+def run_and_exit(main: Callable[[], object]) -> NoReturn:
+    """Run a command's ``main`` and end the process without the interpreter's teardown, which
+    frees torch, MLflow and ONNX module by module for 1-2.5 s that nobody waits for. Everything
+    that finishes a process still runs first: other threads are joined, then the atexit handlers
+    (logging's flush, MLflow's, temporary folders'), then the output is flushed. An exception
+    other than ``SystemExit`` ends the process the usual way, with its traceback."""
+    try:
+        main()
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    if not isinstance(code, int):  # sys.exit("message") prints it and exits 1, as Python does
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -46,6 +46,12 @@ class Precision(str, Enum):
     fp16 = "fp16"  # with a gradient scaler
 
 
+class Deliverables(str, Enum):
+    best = "best"  # the study's best trial (every Pareto trial for several objectives), when it ends
+    all = "all"  # every trial that finished, as it finishes (as a single run does)
+    none = "none"  # trials keep their weights only
+
+
 class Objective(str, Enum):
     val_acc = "val_acc"
     val_top3 = "val_top3"
@@ -168,18 +174,27 @@ class MLflowConfig:
     # null: the folder of a SQLite/file store (so <project>/mlruns); ignored for servers
     artifact_root: str | None = None
     experiment_name: str = "sketchsweep"
-    log_model: bool = True  # mlflow.pytorch.log_model of the best-epoch model
+    # mlflow.pytorch.log_model (pt2) of the best-epoch model: ~0.9 s and 1.5 MB per run, and read by
+    # nothing here (runs:/ and models:/ load best_model_weights.pth; serving runs the ONNX model)
+    log_model: bool = False
     # model.onnx of the best-epoch model in the run folder, parity-checked against PyTorch with
     # ONNX Runtime, logged with mlflow.onnx.log_model
     log_onnx: bool = True
     # evaluation/ on the validation split: top-1/3/5, per-class accuracy, confused pairs, plots
     log_evaluation: bool = True
+    # Register the run's model in the MLflow Model Registry (a sweep registers its champion itself)
+    register: bool = False
+    registered_model: str | None = None  # the registered model's name; null: mlflow.experiment_name
 
 
 @dataclass
 class SweepConfig:
-    """Set by sketchsweep's Optuna sweeper for each trial (leave unset when training by hand)."""
+    """Set by sketchsweep's Optuna sweeper for each trial (leave unset when training by hand), but
+    for ``deliverables``."""
 
+    # Which trials of an Optuna sweep get the evaluation artifacts, the PyTorch model and the ONNX
+    # export (mlflow.log_evaluation/log_model/log_onnx say which of these are made).
+    deliverables: Deliverables = Deliverables.best
     study_name: str | None = None
     storage: str | None = None
     trial_number: int | None = None
@@ -239,6 +254,18 @@ def check_values(cfg: DictConfig) -> None:
     unknown = [o for o in cfg.sweep.objectives or [] if o not in SWEEP_OBJECTIVES]
     if unknown:
         raise ConfigError(f"sweep objective(s) {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
+
+
+def check_sweep_keys(cfg: DictConfig, in_sweep: bool) -> None:
+    """The ``sweep.*`` keys the Optuna sweeper sets for its trials are refused outside its sweeps: a
+    command copied from a trial would otherwise attach a new run to the study as one of its trials."""
+    defaults = OmegaConf.structured(SweepConfig)
+    internal = [k for k in defaults if k != "deliverables" and cfg.sweep[k] != defaults[k]]
+    if internal and not in_sweep:
+        raise ConfigError(
+            f"{', '.join(f'sweep.{k}' for k in internal)}: set by the Optuna sweeper for its trials only; "
+            "to train a trial's parameters again, use the sweep's best_command (best.yaml) or its params alone"
+        )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,6 @@ overrides applied to it.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import tempfile
@@ -25,11 +24,10 @@ from typing import Any
 import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sketchsweep import cli, store, tracking
+from sketchsweep import cli
 from sketchsweep.checkpoint import TrainedModel, load_trained
 from sketchsweep.config import register_configs, saved_data_config
 from sketchsweep.data import stratified_split
@@ -43,8 +41,9 @@ from sketchsweep.evaluation import EvalError, evaluation_artifacts
 from sketchsweep.modelref import PYTORCH_FORMS, SPLIT, ModelRef, ModelRefError
 from sketchsweep.paths import PROJECT_ROOT
 
-# The user's input being wrong, besides sketchsweep's own (cli.UserError): one line, exit code 2.
-BAD_INPUT = (cli.UserError, HydraException, OmegaConfBaseException, MlflowException, OSError)
+# The user's input being wrong, besides sketchsweep's own (cli.UserError, which MLflow's errors
+# become in sketchsweep.store): one line, exit code 2.
+BAD_INPUT = (cli.UserError, HydraException, OmegaConfBaseException, OSError)
 
 
 @dataclass
@@ -124,6 +123,8 @@ def _run_split(ref: ModelRef) -> SavedSplit | None:
     if ref.folder is not None:
         path = ref.folder / SPLIT
         return _read_split(path, str(path)) if path.is_file() else None
+    from sketchsweep import store  # MLflow (~1.5 s to import): only for runs:/ and models:/
+
     with tempfile.TemporaryDirectory() as tmp:
         try:
             run_id = store.fetch_run_files(ref, [SPLIT], Path(tmp))
@@ -190,6 +191,8 @@ def load_target(trained: TrainedModel, ref: ModelRef, overrides: list[str], spli
 
 def log_to_mlflow(trained: TrainedModel, ref: ModelRef, out: Path, metrics: dict[str, float], name: str) -> str:
     """Log the files (under ``name``) and the metrics to the model's MLflow run; returns the store URI."""
+    from sketchsweep import store, tracking  # MLflow: only when logging
+
     # runs:/ and models:/ were found in the default store; a run folder's config says where it logged.
     configured = None if ref.remote else (trained.config.get("mlflow") or {}).get("tracking_uri")
     uri = tracking.tracking_uri(configured)
@@ -260,6 +263,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # runs:/ references download a few small files: MLflow's progress bars would bury the result.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     sys.exit(main())

@@ -9,7 +9,7 @@ import io
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import mlflow
@@ -21,17 +21,29 @@ from mlflow.tracking import MlflowClient
 from sketchsweep.cli import one_line
 from sketchsweep.localstore import creation_lock, write_problem
 from sketchsweep.modelref import ModelRef, ModelRefError
-from sketchsweep.tracking import artifact_location, is_server, local_store_dir, server_problem, tracking_uri
+from sketchsweep.tracking import (
+    TrackingError,
+    artifact_location,
+    env_defaults,
+    is_server,
+    local_store_dir,
+    server_problem,
+    tracking_uri,
+)
 
 CHECK_EXPERIMENT = "sketchsweep-doctor"
 
 
 def log_to_run(run_id: str, uri: str, folder: Path, artifact_path: str, metrics: dict[str, float]) -> None:
-    """Add files and metrics (step 0) to an existing run, e.g. an evaluation done after training."""
+    """Add files and metrics (step 0) to an existing run, e.g. an evaluation done after training;
+    a run the store cannot take them for is a ``TrackingError`` naming it."""
     client = MlflowClient(uri)
-    client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    try:
+        client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    except MlflowException as e:
+        raise TrackingError(f"cannot log to MLflow run {run_id} at {uri}: {one_line(e)}") from None
 
 
 def registered_run(client: MlflowClient, ref: ModelRef) -> str:
@@ -59,7 +71,11 @@ def fetch_run_files(ref: ModelRef, names: Iterable[str], dst: Path) -> str:
     run_id = ref.run_id or registered_run(MlflowClient(uri), ref)
     for name in names:
         try:
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(dst), tracking_uri=uri)
+            # A few small files: MLflow's progress bars (stderr) would bury the command's own output.
+            with env_defaults(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=name, dst_path=str(dst), tracking_uri=uri
+                )
         except Exception as e:
             raise ModelRefError(
                 f"{ref.text}: cannot download {name} of run {run_id} from the MLflow store at {uri} "
@@ -82,19 +98,9 @@ def hard_delete(client: MlflowClient, run_id: str | None = None, experiment_id: 
     return True
 
 
-@contextlib.contextmanager
-def _quick_http() -> Iterator[None]:
-    """A tracking server that is down fails the check in seconds, not after MLflow's minutes of
-    retries; the user's own settings win, and the environment is restored afterwards."""
-    saved = dict(os.environ)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    try:
-        yield
-    finally:
-        for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-            if key not in saved:
-                os.environ.pop(key, None)
+def _quick_http() -> contextlib.AbstractContextManager[None]:
+    """A tracking server that is down fails the check in seconds, not after MLflow's minutes of retries."""
+    return env_defaults(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
 def check_store(uri: str, artifact_root: str | None) -> str:

@@ -8,21 +8,21 @@ A sweep's parent run is ``sketchsweep.sweep.parent``; reading runs back is ``ske
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import re
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 import numpy as np
-import requests
 import torch
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
@@ -31,13 +31,36 @@ from mlflow.tracking import MlflowClient
 from sketchsweep import credentials
 from sketchsweep.cli import UserError, one_line
 from sketchsweep.localstore import artifact_problem, creation_lock, sqlite_file, write_problem
+from sketchsweep.outbox import Outbox, is_server, server_problem
 from sketchsweep.paths import MLRUNS, PROJECT_ROOT
 
 log = logging.getLogger("sketchsweep")
 
+# MLflow's INFO lines ("Validating input example ...", "Creating initial MLflow database tables")
+# are chatter on our console; its warnings still show, and MLFLOW_LOGGING_LEVEL=INFO brings them back.
+if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".onnx")  # hard-linked into a local artifact store (Run._link)
+
 
 class TrackingError(UserError):
     """An MLflow store that cannot be used (a tracking server that cannot be reached)."""
+
+
+@contextlib.contextmanager
+def env_defaults(**values: str) -> Iterator[None]:
+    """MLflow settings (environment variables it reads on each call) for the duration of a block:
+    the user's own settings win, and the environment is restored afterwards."""
+    added = [key for key in values if key not in os.environ]
+    for key in added:
+        os.environ[key] = values[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -51,21 +74,6 @@ def tracking_uri(configured: str | None) -> str:
     uri = credentials.reveal(uri, "mlflow.tracking_uri")
     credentials.share(uri)
     return uri
-
-
-def is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def server_problem(uri: str, timeout: float = 3.0) -> str | None:
-    """None when the tracking server answers its /health endpoint, else what went wrong.
-
-    Quick on purpose: MLflow's own client retries a refused connection for minutes."""
-    try:
-        r = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
-    except requests.RequestException as e:
-        return f"{type(e).__name__}: {str(e)[:200]}"
-    return None if r.status_code == 200 else f"/health answered HTTP {r.status_code}"
 
 
 def local_store_dir(uri: str) -> Path | None:
@@ -86,10 +94,22 @@ def artifact_location(store_dir: Path | None, artifact_root: str | None, experim
     return None if root is None else (root.resolve() / re.sub(r"[^\w.-]+", "_", experiment_name)).as_uri()
 
 
+_experiments: dict[tuple[str, str, str | None], str] = {}  # set up in this process: trials of a sweep share it
+
+
 def setup_experiment(uri: str, experiment_name: str, artifact_root: str | None) -> str:
     """Point MLflow at ``uri`` and return the experiment id, creating the experiment if needed.
     Local folders are checked first, the store's and the artifacts', so that a run that could not
-    keep its results does not start."""
+    keep its results does not start. Once per process and experiment: a sweep's trials reuse it."""
+    key = (uri, experiment_name, artifact_root)
+    if key in _experiments:
+        mlflow.set_tracking_uri(uri)
+        return _experiments[key]
+    _experiments[key] = experiment_id = _setup_experiment(uri, experiment_name, artifact_root)
+    return experiment_id
+
+
+def _setup_experiment(uri: str, experiment_name: str, artifact_root: str | None) -> str:
     store_dir = local_store_dir(uri)
     if store_dir is not None and (problem := write_problem(store_dir)):
         raise TrackingError(
@@ -152,85 +172,28 @@ def device_tags(device: torch.device) -> dict[str, str]:
     return tags
 
 
+UI = "http://127.0.0.1:5000"  # where `make ui` serves a local store
+
+
+def shown_uri(uri: str) -> str:
+    """A store's URI as printed and recorded: any password hidden."""
+    return credentials.hide_passwords(uri)
+
+
+def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The run's (or experiment's) page in MLflow's classic runs view: the server's own address,
+    or ``make ui``'s for a local store. (Without ``workflowType`` MLflow 3 opens its GenAI overview.)"""
+    base = shown_uri(uri).rstrip("/") if is_server(uri) else UI
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?workflowType=machine_learning"
+
+
 def run_name(overrides: Iterable[str]) -> str:
     """A readable name from the command-line overrides, leaving out paths and store settings."""
     skip = ("mlflow.", "hydra.", "data.root", "trainer.resume", "sweep.")
     parts = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(skip)]
     name = ",".join(parts) or "defaults"
     return name if len(name) <= 120 else name[:117] + "..."
-
-
-class Outbox:
-    """A run's metrics and tags on their way to the store. On a tracking server they wait, in order
-    and with their original timestamps, while the server cannot be reached, and go once it answers:
-    training goes on through an outage. A down server is detected by a quick /health probe, not by
-    MLflow's retries, which would stall training for minutes."""
-
-    def __init__(self, client: MlflowClient, run_id: str, uri: str) -> None:
-        self.client, self.run_id, self.uri, self.remote = client, run_id, uri, is_server(uri)
-        self.pending: list[tuple[list[Metric], list[RunTag]]] = []
-        self.outage: float | None = None  # when the server stopped answering
-
-    def put(self, metrics: list[Metric], tags: list[RunTag]) -> None:
-        self.pending.append((metrics, tags))
-        self.flush()
-
-    def flush(self, final: bool = False) -> bool:
-        """Send what is waiting; False (and one warning per outage) while the server cannot be reached.
-        ``final``: the run is ending, so MLflow's own retries get their chance."""
-        if not self.pending:
-            return True
-        if self.remote and not final and server_problem(self.uri, timeout=2) is not None:
-            self._down()
-            return False
-        try:
-            while self.pending:
-                metrics, tags = self.pending[0]
-                self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
-                self.pending.pop(0)
-        except Exception:
-            if not self.unreachable():
-                raise
-            self._down()
-            return False
-        if self.outage is not None:
-            log.warning(
-                "MLflow server at %s is back after %.0f s: buffered metrics and tags sent",
-                *(self.uri, time.monotonic() - self.outage),
-            )
-            self.outage = None
-        return True
-
-    def _down(self) -> None:
-        if self.outage is None:
-            self.outage = time.monotonic()
-            log.warning(
-                "MLflow server at %s (mlflow.tracking_uri) cannot be reached: training goes on, metrics are "
-                "buffered and sent when it is back",
-                self.uri,
-            )
-
-    def unreachable(self) -> bool:
-        """Whether the store is a server that cannot be reached now (then an error from it is not a bug)."""
-        return self.remote and server_problem(self.uri, timeout=2) is not None
-
-    def save_unsent(self, run_dir: Path | None) -> None:
-        """What is still waiting at the end of the run goes to ``mlflow_unsent.json`` in the run folder."""
-        n = sum(len(m) + len(t) for m, t in self.pending)
-        rows = [
-            {"metrics": [m.to_dictionary() for m in metrics], "tags": {t.key: t.value for t in tags}}
-            for metrics, tags in self.pending
-        ]
-        where = "nowhere (no run folder)"
-        if run_dir is not None:
-            path = run_dir / "mlflow_unsent.json"
-            path.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri, "batches": rows}, indent=1))
-            where = str(path)
-        log.error(
-            "MLflow server at %s (mlflow.tracking_uri) still unreachable at the end of run %s: %d metric values "
-            "and tags not sent, saved to %s",
-            *(self.uri, self.run_id, n, where),
-        )
 
 
 class Run:
@@ -321,10 +284,29 @@ class Run:
             for p in paths:
                 if p.is_dir():
                     mlflow.log_artifacts(str(p), artifact_path=p.name)
-                elif p.exists():
+                elif p.exists() and not self._link(p, artifact_path):
                     mlflow.log_artifact(str(p), artifact_path=artifact_path)
 
         self._upload(", ".join(p.name for p in paths), upload)
+
+    def _link(self, path: Path, artifact_path: str | None) -> bool:
+        """Weights in a local artifact store: a hard link to the run folder's file rather than a
+        second copy (its files are replaced by rename, never rewritten, so the artifact keeps its
+        content). False where that cannot be done: the file is then copied or uploaded."""
+        uri = urlparse(self.run.info.artifact_uri)
+        if path.suffix not in WEIGHT_SUFFIXES or uri.scheme not in ("", "file"):
+            return False
+        folder = Path(url2pathname(uri.path)) / (artifact_path or "")
+        tmp = folder / f".{path.name}.{os.getpid()}.link"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            os.link(path, tmp)
+            os.replace(tmp, folder / path.name)
+        except OSError:  # another file system, or links not allowed: copied instead
+            tmp.unlink(missing_ok=True)
+            return False
+        return True
 
     def log_model(self, model: torch.nn.Module, example: np.ndarray) -> None:
         """The model as an MLflow pytorch model (pt2 format, dynamic batch from a >1 example).
@@ -337,48 +319,65 @@ class Run:
         )
 
     def log_onnx(self, path: Path, example: np.ndarray) -> None:
-        """An exported ``model.onnx`` as an MLflow onnx model (``onnx_model``), beside the PyTorch one."""
-        import mlflow.onnx
-        import onnx
+        """An exported ``model.onnx`` as the MLflow model ``onnx_model``: ``served_model.py`` (a
+        model from code, the .onnx its artifact), so that a model server answers class names."""
+        import mlflow.pyfunc
         import onnxruntime
 
-        requirements = [f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
-        # MLflow's default lists CUDA first and warns wherever onnxruntime has no CUDA build (every
-        # CPU machine): record the providers this machine's onnxruntime has, CUDA when it does.
-        available = onnxruntime.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        proto = onnx.load(str(path))
-        self._upload(
-            "the ONNX model",
-            lambda: mlflow.onnx.log_model(
-                proto,
-                name="onnx_model",
-                input_example=example,
-                signature=onnx_signature(proto),
-                onnx_execution_providers=providers,
-                pip_requirements=requirements,
-            ),
-        )
+        requirements = [f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]  # not inferred: slow
 
-
-def onnx_signature(proto):
-    """The MLflow signature of an ONNX model, read from its graph: named tensors with their dtypes
-    and shapes (-1 for dynamic axes). Without it MLflow infers none for an ONNX model, and a model
-    server parses JSON pixels as int64, which the uint8 input refuses."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    def specs(values) -> Schema:
-        return Schema(
-            [
-                TensorSpec(
-                    tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
-                    tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim),
-                    v.name,
+        def upload() -> None:
+            # MLflow's copies of the .onnx would draw progress bars ("\r") on the console
+            with env_defaults(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+                mlflow.pyfunc.log_model(
+                    name="onnx_model",
+                    python_model=str(Path(__file__).with_name("served_model.py")),
+                    artifacts={"onnx": str(path)},
+                    input_example=example,
+                    signature=onnx_signature(),
+                    pip_requirements=requirements,
                 )
-                for v in values
-            ]
-        )
 
-    return ModelSignature(inputs=specs(proto.graph.input), outputs=specs(proto.graph.output))
+        self._upload("the ONNX model", upload)
+
+
+class ReopenedRun(Run):
+    """A finished run, opened again to add what is made after it ended (a sweep's deliverables for
+    its best trial). It keeps its status and end time; what went wrong is its tag
+    ``sketchsweep.deliverables_error``."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.reopen_id = run_id
+        info = MlflowClient(uri).get_run(run_id)
+        self.previous = (info.info.status, info.info.end_time)
+        super().__init__(uri, info.info.experiment_id, info.info.run_name, {}, dict(info.data.tags))
+
+    def __enter__(self) -> Run:
+        self.run = mlflow.start_run(run_id=self.reopen_id)
+        self.id = self.run.info.run_id
+        self.outbox = Outbox(MlflowClient(self.uri), self.id, self.uri)
+        return self
+
+    def _end(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            mlflow.set_tag(
+                "sketchsweep.deliverables_error", credentials.hide_passwords(f"{exc_type.__name__}: {exc}")[:5000]
+            )
+        mlflow.end_run(self.previous[0])
+        MlflowClient(self.uri).set_terminated(self.id, self.previous[0], end_time=self.previous[1])
+
+
+def onnx_signature():
+    """The served model's signature: the export's input (uint8 ``images``: without it a model
+    server would parse JSON pixels as int64), one record per drawing out, and the ``top_k`` param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema, TensorSpec
+
+    from sketchsweep.onnx_model import INPUT_NAME
+
+    top = Array(Object([Property("label", "string"), Property("probability", "double")]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28), INPUT_NAME)]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec(top, "top_k")]),
+        params=ParamSchema([ParamSpec("top_k", "long", 3)]),
+    )

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,16 +35,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sketchsweep import cli, credentials, engine, resume, store, tracking
-from sketchsweep.checkpoint import Checkpoint, TrainedModel, save_atomic
-from sketchsweep.config import VAL_METRICS, check_values, flatten, register_configs
+from sketchsweep import cli, credentials, deliver, engine, resume, store, tracking
+from sketchsweep.checkpoint import Checkpoint, save_atomic
+from sketchsweep.config import (
+    VAL_METRICS,
+    Deliverables,
+    check_sweep_keys,
+    check_values,
+    flatten,
+    register_configs,
+)
 from sketchsweep.data import Dataset, stratified_split
 from sketchsweep.data.fingerprint import fingerprint
 from sketchsweep.data.load import Placement, load_data
-from sketchsweep.evaluation import evaluation_artifacts
-from sketchsweep.export import export_onnx
 from sketchsweep.model import SketchCNN, count_parameters
-from sketchsweep.modelref import BEST_WEIGHTS, CHECKPOINT, CLASSES, CONFIG, FINAL_WEIGHTS, ONNX, SPLIT
+from sketchsweep.modelref import BEST_WEIGHTS, CHECKPOINT, CLASSES, CONFIG, FINAL_WEIGHTS, SPLIT
+from sketchsweep.sweep.console import console_for, trial_name
 from sketchsweep.sweep.link import TrialLink
 from sketchsweep.sweep.parent import PARENT_RUN_ENV
 
@@ -83,13 +90,19 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     try:
         run = open_run(recipe, overrides)
         # From here a signal waits for the write in progress (the run starts inside): see cli.Signals.
-        with cli.held_signals() as signals, run:
+        with cli.held_signals() as signals, run, console_for(recipe.link):
+            if recipe.link is not None:
+                recipe.link.record_run(
+                    run.id, tracking.run_url(run.uri, run.experiment_id, run.id), str(recipe.run_dir)
+                )
             pruned_at = fit(recipe, run, signals)
             summary = finish(recipe, run, pruned_at, signals)
             values = objective_values(recipe, summary)
             if recipe.link is not None and pruned_at is None:
                 recipe.link.complete(values)  # recorded with the run: a signal from here on loses neither
             signals.settle()  # everything is written: a signal now no longer cuts the run
+        if cfg.mlflow.register and recipe.link is None:  # a sweep registers its champion when it ends
+            deliver.register_run(cfg, run.uri, run.id, float(recipe.best["value"]))
         if signals.pending is not None:
             log.warning("signal %d arrived after the run's last write: it is complete (FINISHED)", signals.pending)
             cli.hand_back(signals.pending)  # in a sweep: it stops before the next trial
@@ -108,6 +121,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     t = cfg.trainer
     credentials.scrub_hydra_files(run_dir)  # Hydra copied the command line there, passwords included
     check_values(cfg)
+    deliver.check_register(cfg.mlflow)
     # As recorded (params, config.yaml, the checkpoint): passwords hidden; cfg keeps them for connecting.
     resolved = credentials.scrub(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     link = TrialLink.of(cfg.sweep)
@@ -192,13 +206,15 @@ def open_run(r: Recipe, overrides: list[str] | tuple[str, ...]) -> tracking.Run:
         tags["sketchsweep.resumed_from"] = str(Path(cfg.trainer.resume).resolve())
         tags["sketchsweep.resumed_at_epoch"] = str(len(r.history))
         tags["sketchsweep.resumed_from_run"] = str(r.resumed.mlflow_run_id)
-    log.info(
+    (log.info if r.link is None else log.debug)(  # a sweep prints one line per trial itself
         "%d classes, %d train / %d val images, %s, SketchCNN width %d (%s parameters)",
         *(len(r.data.class_names), len(r.splits["train"]), len(r.splits["val"]), r.device, cfg.model.width),
         f"{r.num_parameters:,}",
     )
-    name = f"trial-{sw.trial_number}" if r.link else tracking.run_name(overrides)
-    return tracking.Run(uri, experiment_id, name, flatten(r.resolved), tags)
+    name = trial_name(sw.trial_number, r.link.params) if r.link else tracking.run_name(overrides)
+    # sweep.* only says how a job reaches its trial: not a param (the trial's tags name the study and trial)
+    params = {k: v for k, v in flatten(r.resolved).items() if not k.startswith("sweep.")}
+    return tracking.Run(uri, experiment_id, name, params, tags)
 
 
 # -- fit: the epoch loop -----------------------------------------------------------------------
@@ -224,7 +240,9 @@ def fit(r: Recipe, run: tracking.Run, signals: cli.Signals) -> int | None:
             )
             if not math.isfinite(metrics["train_loss"]):
                 raise FloatingPointError(f"training loss is {metrics['train_loss']} at epoch {epoch} (lr {lr:g})")
+            evaluated = time.perf_counter()
             metrics |= engine.evaluate(r.net, r.val_split, t.eval_batch_size, precision=r.precision)
+            metrics["val_seconds"] = time.perf_counter() - evaluated  # with epoch_seconds: the epoch's compute
         metrics["lr"] = lr
         r.scheduler.step()
         r.history.append(metrics)
@@ -248,7 +266,7 @@ def fit(r: Recipe, run: tracking.Run, signals: cli.Signals) -> int | None:
             *(epoch, t.epochs, shown, lr, metrics["epoch_seconds"], metrics["train_images_per_sec"]),
         )
         watched = objectives[0] if objectives and objectives[0] in metrics else objective
-        if r.link is not None and epoch < t.epochs and r.link.report(metrics[watched], epoch):
+        if r.link is not None and r.link.report(metrics[watched], epoch, last=epoch == t.epochs):
             log.info("trial %d pruned after epoch %d (%s %.4f)", r.link.number, epoch, watched, metrics[watched])
             run.set_tags({"pruned": "true", "pruned_at_epoch": str(epoch)})
             return epoch
@@ -281,59 +299,46 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None, signals: cli.Sig
             test = engine.evaluate(r.net, r.placement.split(r.splits["test"]), t.eval_batch_size, "test", r.precision)
         summary |= test
         log.info("test (best epoch's weights): %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    lean = r.link is not None and r.cfg.sweep.deliverables != Deliverables.all
+    if r.link is not None:
+        summary["pruned"] = float(pruned_at is not None)  # a column to sort the trials by
     run.log_metrics(summary, step=t.epochs)
-    run.log_files([r.run_dir / n for n in (CONFIG, CLASSES, SPLIT, FINAL_WEIGHTS, BEST_WEIGHTS, CHECKPOINT)])
+    # A lean trial keeps what it trained with and its best weights; the sweep ships its best trials
+    # when it ends (sketchsweep.deliver). The resumable checkpoint stays in the run folder.
+    kept = (
+        (CONFIG, CLASSES, SPLIT, BEST_WEIGHTS)
+        if lean
+        else (CONFIG, CLASSES, SPLIT, FINAL_WEIGHTS, BEST_WEIGHTS, CHECKPOINT)
+    )
+    run.log_files([r.run_dir / n for n in kept])
     if r.link is not None:
         run.set_tags({"optuna.state": "PRUNED" if pruned_at is not None else "COMPLETE"})
         if pruned_at is not None:
             r.link.mark_pruned()
-    if pruned_at is None:  # what a researcher looks at and ships: only for runs that finished
-        log_deliverables(r, run, signals)
+    if pruned_at is None and not lean:  # what a researcher looks at and ships: only for runs that finished
+        deliver.log_deliverables(shipment(r), run, r.cfg.mlflow, signals.interruptible)
     log.info(
         "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",
         *(final["val_acc"], at_best["val_acc"], best["epoch"], t.objective.value, best["value"]),
     )
-    log.info("run folder: %s", r.run_dir)
-    log.info(
-        "MLflow run %s in experiment '%s' at %s",
-        run.id,
-        r.cfg.mlflow.experiment_name,
-        credentials.hide_passwords(run.uri),
-    )
-    log.info(
-        "open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri %s)", credentials.hide_passwords(run.uri)
-    )
+    say = log.info if r.link is None else log.debug  # a sweep prints one line per trial itself
+    say("run folder: %s", r.run_dir)
+    say("MLflow run %s in experiment '%s' at %s", run.id, r.cfg.mlflow.experiment_name, tracking.shown_uri(run.uri))
+    url = tracking.run_url(run.uri, run.experiment_id, run.id)
+    if tracking.is_server(run.uri):
+        say("open it: %s", url)
+    else:
+        say("open it: %s  (start the UI first: make ui, or mlflow ui --backend-store-uri %s)", url, run.uri)
     run.log_files([r.run_dir / ".hydra", r.run_dir / "train.log"])  # last, so the log is complete
     return summary
 
 
-def log_deliverables(r: Recipe, run: tracking.Run, signals: cli.Signals) -> None:
-    """The evaluation artifacts, the PyTorch model and the ONNX export of the kept (best-epoch)
-    weights, each as configured under ``mlflow.*``. A failed ONNX parity check fails the run: the
-    weights and checkpoint are already saved and logged by then, so nothing is lost."""
-    m, val_idx, step = r.cfg.mlflow, r.splits["val"], r.cfg.trainer.epochs
-    if m.log_evaluation and len(val_idx):
-        out, rows = r.run_dir / "evaluation", r.placement.rows(val_idx)
-        with signals.interruptible():
-            metrics = evaluation_artifacts(
-                r.model, rows, None, r.data.class_names, out, r.cfg.trainer.eval_batch_size, r.device, r.precision
-            )
-        run.log_metrics(metrics, step=step)
-        run.log_files([out])
+def shipment(r: Recipe) -> deliver.Shipment:
+    """What the run's deliverables are made from: its model (holding the best epoch's weights now)."""
+    val_idx = r.splits["val"]
+    rows = r.placement.rows(val_idx) if len(val_idx) else None
     example = np.ascontiguousarray(r.data.images[val_idx[:64]])  # real drawings, for signatures and parity
-    model = r.model.cpu().eval()
-    if m.log_model:
-        run.log_model(model, engine.to_input(torch.from_numpy(example[:2])).numpy())
-    if m.log_onnx:
-        trained = TrainedModel(model, r.data.class_names, r.resolved, run.id, str(r.run_dir))  # type: ignore[arg-type]
-        with signals.interruptible():
-            report = export_onnx(trained, r.run_dir / ONNX, real_images=example)
-        log.info(
-            "model.onnx: ONNX Runtime matches PyTorch on %d inputs (max |logit diff| %.1e)",
-            *(report.num_checked, report.max_abs_diff),
-        )
-        run.log_metrics({"onnx_max_abs_diff": report.max_abs_diff}, step=step)
-        run.log_onnx(report.path, example[:2].reshape(-1, 28, 28))
+    return deliver.Shipment(r.model, r.data.class_names, r.resolved, r.run_dir, rows, example, r.device, r.precision)
 
 
 def objective_values(r: Recipe, summary: dict[str, float]) -> float | tuple[float, ...]:
@@ -358,6 +363,8 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
+        credentials.scrub_hydra_files(run_dir)  # before anything can stop the run: Hydra wrote the command line there
+        check_sweep_keys(cfg, hc.mode == RunMode.MULTIRUN and "sketchsweep_optuna" in str(hc.sweeper.get("_target_")))
         return train(cfg, run_dir, list(hc.overrides.task))
     except Exception as e:
         if isinstance(e, cli.UserError) and hc.mode != RunMode.MULTIRUN:
@@ -381,4 +388,4 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_and_exit(main)

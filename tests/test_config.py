@@ -37,6 +37,9 @@ def test_defaults_are_the_seed_recipe():
     assert (cfg.scheduler.step_size, cfg.scheduler.gamma) == (10, 0.5)
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.data.val_fraction) == (20, 256, 0.1)
     assert cfg.model.width == 64 and cfg.trainer.device.value == "auto"
+    # What a run ships: evaluation and the ONNX model; the pt2 model (0.9 s, 1.5 MB a run) is opt-in.
+    assert (cfg.mlflow.log_evaluation, cfg.mlflow.log_onnx, cfg.mlflow.log_model) == (True, True, False)
+    assert (cfg.mlflow.register, cfg.sweep.deliverables.value) == (False, "best")
 
 
 def test_cosine_follows_the_epoch_count():

@@ -227,15 +227,15 @@ def test_a_sigkilled_run_is_closed_by_the_doctor_or_by_resuming(tiny_data, tmp_p
 
 def test_sigterm_during_the_final_exports_ends_the_run_killed_and_resumable(tiny_data, tmp_path, store, monkeypatch):
     # The signal lands while the evaluation is computed (the first of the final exports).
-    import sketchsweep.train as train_module
+    import sketchsweep.evaluation as evaluation_module  # sketchsweep.deliver imports it when the run ends
 
-    original = train_module.evaluation_artifacts
+    original = evaluation_module.evaluation_artifacts
 
     def evaluation_artifacts(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluation_artifacts", evaluation_artifacts)
+    monkeypatch.setattr(evaluation_module, "evaluation_artifacts", evaluation_artifacts)
     exports = quiet(tiny_data, store, "mlflow.log_onnx=true", "mlflow.log_evaluation=true", "trainer.epochs=2")
     with pytest.raises(KeyboardInterrupt):
         train(compose_config(exports), tmp_path / "cut")
@@ -243,7 +243,7 @@ def test_sigterm_during_the_final_exports_ends_the_run_killed_and_resumable(tiny
     assert not (tmp_path / "cut" / "model.onnx").exists()
 
     # All epochs are done: resuming only produces the deliverables, in a new FINISHED run.
-    monkeypatch.setattr(train_module, "evaluation_artifacts", original)
+    monkeypatch.setattr(evaluation_module, "evaluation_artifacts", original)
     train(compose_config([*exports, f"trainer.resume={tmp_path / 'cut'}"]), tmp_path / "done")
     assert (tmp_path / "done" / "model.onnx").exists()
     assert runs_by_dir(store)[str(tmp_path / "done")].info.status == "FINISHED"

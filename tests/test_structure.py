@@ -24,11 +24,16 @@ LAYERS = {
     "sketchsweep.tracking": SERVICE,
     "sketchsweep.credentials": SERVICE,
     "sketchsweep.store": SERVICE,
+    "sketchsweep.outbox": SERVICE,
     "sketchsweep.localstore": SERVICE,
     "sketchsweep.checkpoint": SERVICE,
     "sketchsweep.resume": SERVICE,
     "sketchsweep.evaluation": SERVICE,
     "sketchsweep.onnx_model": SERVICE,
+    "sketchsweep.onnx_export": SERVICE,
+    "sketchsweep.deliver": SERVICE,
+    "sketchsweep.registry": SERVICE,
+    "sketchsweep.served_model": SERVICE,  # run by MLflow's model server: numpy, onnxruntime, mlflow only
     "sketchsweep.sweep": SERVICE,
     "sketchsweep.evaluate": ENTRY,
     "sketchsweep.export": ENTRY,
@@ -112,7 +117,8 @@ def test_leaves_import_nothing_of_the_package():
 
 def test_the_check_sees_real_imports():
     """The parser finds imports written every way the package writes them, including in functions."""
-    assert {"sketchsweep.engine", "sketchsweep.cli", "sketchsweep.evaluation"} <= GRAPH["sketchsweep.train"]
+    assert {"sketchsweep.engine", "sketchsweep.cli", "sketchsweep.deliver"} <= GRAPH["sketchsweep.train"]
+    assert {"sketchsweep.evaluation", "sketchsweep.onnx_export"} <= GRAPH["sketchsweep.deliver"]  # in functions
     assert "sketchsweep.checkpoint" in GRAPH["sketchsweep.predict"]  # imported inside Predictor
     assert "sketchsweep.sweep.study" in GRAPH["hydra_plugins.sketchsweep_optuna.sweeper"]
 

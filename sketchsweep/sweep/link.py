@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -46,12 +47,23 @@ class TrialLink:
         storage = reveal(sweep.storage, "sweep.storage")
         return cls(sweep.study_name, storage, sweep.trial_number, sweep.pruner, sweep.pruner_kwargs)
 
-    def report(self, value: float, epoch: int) -> bool:
-        """Report the objective at ``epoch``; True when the pruner says to stop this trial."""
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters the sampler gave this trial."""
+        return dict(self.trial.params)
+
+    def record_run(self, run_id: str, url: str, run_dir: str) -> None:
+        """This trial's MLflow run and folder, as user attributes (Optuna's own view, the sweep's summary)."""
+        for key, value in (("mlflow_run_id", run_id), ("mlflow_url", url), ("run_dir", run_dir)):
+            self.trial.set_user_attr(f"sketchsweep.{key}", value)
+
+    def report(self, value: float, epoch: int, last: bool = False) -> bool:
+        """Report the objective at ``epoch``; True when the pruner says to stop this trial (never
+        after its ``last`` epoch: that one is reported for the record)."""
         if not self.can_prune:
             return False
         self.trial.report(value, step=epoch)
-        return self.trial.should_prune()
+        return not last and self.trial.should_prune()
 
     def mark_pruned(self) -> None:
         """PRUNED in the study (not FAIL); the sweeper's own tell then leaves it alone."""

@@ -8,22 +8,29 @@ import os
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.experimental.callback import Callback
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from sketchsweep import store, tracking
-from sketchsweep.cli import redact
+from sketchsweep.cli import one_line, redact
+from sketchsweep.sweep import report
+from sketchsweep.sweep.space import Fixed
 
 log = logging.getLogger("sketchsweep")
 
 # Set by the grid-multirun callback so jobs attach to the sweep's parent run.
 PARENT_RUN_ENV = "SKETCHSWEEP_PARENT_RUN_ID"
+PLOTS_EVERY_S = 60.0  # the parent's PNG plots are rendered at most this often while a sweep runs
+LIGHTEST_BLUE = 0.4  # where the parallel-coordinates colormap starts on "Blues" (0: near-white)
+MAX_TAG = 8000  # MLflow's limit on a tag's value
 
 
 class SweepRun:
@@ -45,13 +52,17 @@ class SweepRun:
         objectives: list[str],
         directions: list[str],
         created: bool,
+        fixed: Fixed | None = None,
     ):
+        """``fixed``: the sweep's fixed overrides, for the ``best_command`` tag (None: no such tag)."""
         self.uri = tracking.tracking_uri(config.mlflow.tracking_uri)
         self.experiment_id = tracking.setup_experiment(
             self.uri, config.mlflow.experiment_name, config.mlflow.artifact_root
         )
         self.client = MlflowClient(self.uri)
-        self.objectives = objectives
+        self.objectives, self.directions, self.fixed = objectives, directions, fixed
+        self._plotted = time.monotonic()  # the first plots a minute in: a short sweep renders them once, at its end
+        self._best: list[int] | None = None  # the best trial(s) the tags show
         self.run_id = self._of_study(study, created)
         if self.run_id is None:
             self.run_id = self._find_or_create(study.study_name, space, directions)
@@ -95,11 +106,11 @@ class SweepRun:
             return None
         return run_id if run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id else None
 
-    def end(self, study, status: str) -> None:
+    def end(self, study: optuna.Study, status: str) -> None:
         """Log the study's result (best trial or Pareto front, trials table, plots) and close,
         unless other workers still run trials: the last one to stop closes the parent."""
         try:
-            self._log_study(study)
+            self.refresh(study, plots=True)
         finally:
             if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 log.info("other workers still run trials: parent run left RUNNING")
@@ -117,61 +128,117 @@ class SweepRun:
             self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
             store.end_gone_run(self.client, run.info.run_id, why)
 
-    def _log_study(self, study) -> None:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-        for k, v in counts.items():
-            self.client.log_metric(self.run_id, f"trials_{k}", v)
+    def refresh(self, study: optuna.Study, plots: bool | None = None) -> None:
+        """Show the study's progress on the parent run, after every trial: trial counts, the best
+        trial (``study_best_<objective>``, tags), ``trials.csv`` and ``best_trials.json``, which
+        cost milliseconds; the PNG plots (a second or two) at most every ``PLOTS_EVERY_S``
+        seconds, or now with ``plots=True``. While the sweep runs (``plots`` not True) a store
+        that fails to take them is a warning: the next trial's refresh sends them again."""
+        try:
+            self._refresh(study, plots if plots is not None else time.monotonic() - self._plotted >= PLOTS_EVERY_S)
+        except (MlflowException, OSError) as e:
+            if plots:
+                raise
+            log.warning("sweep's parent run not updated this time: %s", one_line(e))
+
+    def _refresh(self, study: optuna.Study, plots: bool) -> None:
+        trials = study.get_trials(deepcopy=False)
+        best = report.champions(study)
+        self._log_progress(study, trials, best)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             study.trials_dataframe().to_csv(out / "trials.csv", index=False)
-            best = []
-            if complete:
-                if len(study.directions) == 1:
-                    best = [study.best_trial]
-                    self.client.log_metric(self.run_id, f"best_{self.objectives[0]}", study.best_value)
-                else:  # no single best: the Pareto front goes to best_trials.json
-                    best = study.best_trials
-                self.client.set_tag(self.run_id, "best_trial", str(best[0].number))
-                for k, v in best[0].params.items():
-                    self.client.set_tag(self.run_id, f"best.{k}", str(v))
             summary = [{"number": t.number, "values": t.values, "params": t.params} for t in best]
             (out / "best_trials.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-            self._plots(study, out, len(complete))
-            for p in out.iterdir():
-                self.client.log_artifact(self.run_id, str(p))
+            if plots:
+                complete = sum(t.state == TrialState.COMPLETE for t in trials)
+                render_plots(study, self.objectives, self.directions, out, complete)
+                self._plotted = time.monotonic()
+            self.client.log_artifacts(self.run_id, str(out))
 
-    def _plots(self, study, out: Path, n_complete: int) -> None:
-        """Optuna's matplotlib plots as PNG; a plot the study cannot support yet is skipped."""
-        import matplotlib  # only when a study ends: pyplot is slow to import
+    def _log_progress(self, study: optuna.Study, trials: list[FrozenTrial], best: list[FrozenTrial]) -> None:
+        """Counts and the best trial in one write; the best trial's tags only when it changed."""
+        now, step = int(time.time() * 1000), sum(t.state.is_finished() for t in trials)
+        counts = Counter(t.state for t in trials)
+        metrics = [Metric(f"trials_{s.name.lower()}", counts[s], now, step) for s in TrialState]
+        tags: dict[str, str] = {}
+        if best and len(study.directions) == 1:
+            name = report.metric_names(study, self.objectives)[0]
+            metrics.append(Metric(f"study_best_{name}", best[0].value, now, step))
+        numbers = [t.number for t in best]
+        if best and numbers != self._best:
+            tags = self._best_tags(best)
+        self.client.log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._best = numbers  # once sent: a failed write sends them again next time
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as vis
+    def _best_tags(self, best: list[FrozenTrial]) -> dict[str, str]:
+        """The best trial (the first on the Pareto front, best on the first objective): its number,
+        params, MLflow run and the command that retrains it (when the sweep's fixed overrides are known)."""
+        tags = {"best_trial": str(best[0].number)} | {
+            f"best.{k.lstrip('+~')}": str(v) for k, v in best[0].params.items()
+        }
+        if run_id := best[0].user_attrs.get(report.RUN_ID_ATTR):
+            tags["best_run_id"] = run_id
+        if len(best) > 1:
+            tags["pareto_trials"] = ",".join(str(t.number) for t in best)[:MAX_TAG]
+        if self.fixed is not None:
+            command = report.best_command(best[0].params, self.fixed)
+            tags["best_command"] = command if len(command) <= MAX_TAG else "(too long for a tag: see best.yaml)"
+        return tags
 
-        multi = len(study.directions) > 1
-        plots = {"parallel_coordinates": lambda: vis.plot_parallel_coordinate(study, **self._target(multi))}
-        if multi:
-            plots["pareto_front"] = lambda: vis.plot_pareto_front(study, target_names=self.objectives)
-        else:
-            plots["optimization_history"] = lambda: vis.plot_optimization_history(study)
-        if n_complete >= 2:
-            plots["param_importances"] = lambda: vis.plot_param_importances(study, **self._target(multi))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
-            for name, make in plots.items():
-                try:
-                    ax = make()
-                    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                    fig.tight_layout()
-                    fig.savefig(out / f"{name}.png", dpi=100)
-                    plt.close(fig)
-                except Exception as e:  # e.g. importances when every trial has the same params
-                    log.warning("plot %s skipped: %s", name, e)
 
-    def _target(self, multi: bool) -> dict[str, Any]:
-        # Multi-objective plots that show one value need to be told which (the first objective).
-        return {"target": lambda t: t.values[0], "target_name": self.objectives[0]} if multi else {}
+def render_plots(study: optuna.Study, objectives: list[str], directions: list[str], out: Path, n_complete: int) -> None:
+    """Optuna's matplotlib plots as PNG in ``out``; a plot the study cannot support yet is skipped."""
+    import matplotlib  # only when plots are due: pyplot is slow to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    multi = len(directions) > 1
+    # Multi-objective plots that show one value need to be told which (the first objective).
+    target: dict[str, Any] = {"target": lambda t: t.values[0], "target_name": objectives[0]} if multi else {}
+    plots = {"parallel_coordinates": lambda: parallel_coordinates(study, objectives, directions)}
+    if multi:
+        plots["pareto_front"] = lambda: vis.plot_pareto_front(study, target_names=objectives)
+    else:
+        plots["optimization_history"] = lambda: vis.plot_optimization_history(study)
+    if n_complete >= 2:
+        plots["param_importances"] = lambda: vis.plot_param_importances(study, **target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+        for name, make in plots.items():
+            try:
+                ax = make()
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.tight_layout()
+                fig.savefig(out / f"{name}.png", dpi=100)
+                plt.close(fig)
+            except Exception as e:  # e.g. importances when every trial has the same params
+                log.warning("plot %s skipped: %s", name, e)
+
+
+def parallel_coordinates(study: optuna.Study, objectives: list[str], directions: list[str]):
+    """Optuna's parallel-coordinates plot (matplotlib Axes), coloured by the first objective from
+    mid blue (worst) to dark blue (best). Optuna's own colormap starts at near-white, which hides
+    the worst trials, and with ``target`` (several objectives) is reversed, which hides the best."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import ListedColormap
+    from optuna.visualization import matplotlib as vis
+
+    multi = len(directions) > 1
+    target: dict[str, Any] = {"target": lambda t: t.values[0], "target_name": objectives[0]} if multi else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental
+        ax = vis.plot_parallel_coordinate(study, **target)
+    colors = plt.get_cmap("Blues")(np.linspace(LIGHTEST_BLUE, 1.0, 256))
+    cmap = ListedColormap(colors if directions[0] == "maximize" else colors[::-1], name="sketchsweep_blues")
+    for lines in ax.collections:
+        if isinstance(lines, LineCollection):
+            lines.set_cmap(cmap)  # the colorbar follows its mappable
+    return ax
 
 
 class MultirunParent(Callback):

@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -30,8 +31,11 @@ from sketchsweep import cli
 from sketchsweep.cli import UserError, redact
 from sketchsweep.config import SWEEP_OBJECTIVES
 from sketchsweep.credentials import share
-from sketchsweep.sweep import WORKER_ENV
+from sketchsweep.sweep import WORKER_ENV, report
+from sketchsweep.sweep.check import Compose, check_sweep
+from sketchsweep.sweep.console import quiet_launchers, result_line, short
 from sketchsweep.sweep.parent import SweepRun
+from sketchsweep.sweep.ship import ship
 from sketchsweep.sweep.space import (
     PRUNERS,
     SAMPLERS,
@@ -59,6 +63,7 @@ log = logging.getLogger("sketchsweep.sweeper")
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 DIRECTIONS = ("maximize", "minimize")
 Launch = Callable[[list[Sequence[str]]], Sequence[JobReturn]]
+Settings = tuple[DictConfig, list[str], list[str]]  # read_settings: hydra.sweeper, objectives, directions
 
 
 @dataclass
@@ -142,10 +147,10 @@ def _plain(node: Any) -> dict[str, Any]:
 class Sweep:
     """One sweep process on one study (several such processes may share a database study)."""
 
-    def __init__(self, settings: tuple[DictConfig, list[str], list[str]], config: DictConfig, launch: Launch) -> None:
-        """``settings``: what ``read_settings`` returns for ``hydra.sweeper``."""
+    def __init__(self, settings: Settings, config: DictConfig, launch: Launch, compose: Compose | None = None) -> None:
+        """``settings``: what ``read_settings`` returns; ``compose``: a job's config (``check``)."""
         self.settings, self.objectives, self.directions = settings
-        self.config, self.launch = config, launch
+        self.config, self.launch, self.compose = config, launch, compose
         self.parent: SweepRun | None = None
         self.in_flight: list[optuna.Trial] = []  # asked, launched, not yet told
         self.failures = 0
@@ -158,7 +163,7 @@ class Sweep:
         at once while a trial runs (its training holds signals through its own writes, then gives
         this handler back), otherwise once the write to the study or MLflow in progress is done.
         SIGTERM's default action would end the process with its trials and parent run RUNNING."""
-        with cli.held_signals() as self.signals:
+        with cli.held_signals() as self.signals, quiet_launchers():
             self._run(arguments)
         if self.signals.pending is not None:  # came after the study's last trial: nothing was cut
             log.warning("signal %d arrived after the study's last trial: the sweep is complete", self.signals.pending)
@@ -168,6 +173,8 @@ class Sweep:
         space, fixed = parse_space([*as_overrides(_plain(s.params)), *arguments])
         if not space:
             raise UserError("hydra.sweeper: no search space; give hydra.sweeper.params or sweep overrides")
+        with self.signals.interruptible():  # nothing is created yet (no journal, MLflow run, folder)
+            check_sweep(s, space, fixed, self.compose)  # a sweep that cannot work fails before its first trial
         self.n_trials = s.n_trials
         if _names(s.sampler)[0] == "grid" and grid_size(space) < self.n_trials:
             self.n_trials = grid_size(space)  # past that the grid sampler repeats points
@@ -184,11 +191,13 @@ class Sweep:
 
     def _sweep(self, space: dict[str, BaseDistribution], fixed: Fixed) -> None:
         study, created = self._open(space)
-        self.parent = SweepRun(self.config, study, space, self.objectives, self.directions, created)
+        self.parent = SweepRun(self.config, study, space, self.objectives, self.directions, created, fixed=fixed)
         if not self.shared:
             self._fail_orphans(study)
         try:
             self._loop(study, space, fixed)
+            with self.signals.interruptible():  # stopped here, the same command ships them again
+                self.shipped = ship(study, self.config, self.objectives)
             self.signals.settle()  # every trial is told: a signal from here on cuts nothing
         except BaseException as e:  # Ctrl-C: KILLED; too many failures or a bad override: FAILED
             for trial in self.in_flight:  # a trial cut off here will never finish
@@ -196,7 +205,9 @@ class Sweep:
             self.parent.end(study, "FAILED" if isinstance(e, Exception) else "KILLED")
             raise
         self.parent.end(study, "FINISHED")
-        self._log_best(study)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        report.write_best_yaml(sweep_dir / "best.yaml", study, self.objectives, self.directions, fixed)
+        log.info("%s", report.summary(study, self.objectives, self.directions, fixed))
 
     def _study_name(self, space: dict[str, BaseDistribution], fixed: Fixed) -> str:
         if self.settings.study_name:
@@ -220,6 +231,9 @@ class Sweep:
         kwargs = {"storage": self.storage, "sampler": sampler, "pruner": make_pruner(s.pruner, _plain(s.pruner_kwargs))}
         try:  # the worker that creates the study also creates its MLflow parent run
             study, created = optuna.create_study(study_name=self.name, directions=self.directions, **kwargs), True
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(self.objectives)  # Optuna's own view (dashboard) names the values
         except optuna.exceptions.DuplicatedStudyError:
             study, created = optuna.load_study(study_name=self.name, **kwargs), False
         done = len(study.get_trials(deepcopy=False, states=DONE))
@@ -273,10 +287,13 @@ class Sweep:
                 continue
             overrides = [self._overrides(t, fixed) for t in self.in_flight]
             ids = [trial_id(study, t.number) for t in self.in_flight]
+            for t in self.in_flight:
+                log.info("trial %d: %s", t.number, " ".join(f"{k}={short(v)}" for k, v in t.params.items()))
             heartbeat = Heartbeat(self.storage if self.shared else None, ids, s.heartbeat_interval)
             with heartbeat, self.signals.interruptible():  # a trial's setup, or the whole job on another launcher
                 returns = self.launch(overrides)
             self._tell(study, returns)
+            self.parent.refresh(study)  # the parent's counts, best and trials.csv; its plots now and then
             self.in_flight = []
 
     def _ask(self, study: optuna.Study, space: dict[str, BaseDistribution], n: int) -> None:
@@ -301,8 +318,10 @@ class Sweep:
                     raise UserError(f"non-finite objective {values}")
                 # PRUNED trials were already told by their job: leave them as they are.
                 study.tell(trial, values, skip_if_finished=True)
+                log.info("%s", result_line(study, trial.number, self.objectives))
             except Exception as e:
                 if _recorded(study, trial.number):
+                    log.info("%s", result_line(study, trial.number, self.objectives))
                     continue  # told, then the sampler raised (the grid sampler's stop() outside optimize)
                 self.failures += 1
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -364,17 +383,3 @@ class Sweep:
         # Overrides are logged and recorded: a password in one (a tracking URI's) reaches the job
         # through the environment instead (sketchsweep.tracking.tracking_uri shared it).
         return (*as_overrides(trial.params), *map(redact, as_overrides(fixed)), *sweep)
-
-    def _log_best(self, study: optuna.Study) -> None:
-        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            log.warning("no trial completed")
-        elif len(self.directions) == 1:
-            log.info(
-                "best trial %d: %s=%s %s",
-                study.best_trial.number,
-                self.objectives[0],
-                study.best_value,
-                study.best_params,
-            )
-        else:
-            log.info("Pareto front: %d trials", len(study.best_trials))
