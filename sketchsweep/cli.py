@@ -186,7 +186,8 @@ def progress_bar(n_images: int, batch_size: int, desc: str) -> Iterator[Callable
 def run_and_exit(main: Callable[[], object]) -> NoReturn:
     """Run a command's ``main`` and end the process without the interpreter's teardown, which
     frees torch, MLflow and ONNX module by module for 1-2.5 s that nobody waits for. Everything
-    that finishes a process still runs first: other threads are joined, then the atexit handlers
+    that finishes a process still runs first: thread pools are shut down and other threads joined,
+    then the atexit handlers
     (logging's flush, MLflow's, temporary folders'), then the output is flushed. An exception
     other than ``SystemExit`` ends the process the usual way, with its traceback."""
     try:
@@ -198,9 +199,9 @@ def run_and_exit(main: Callable[[], object]) -> NoReturn:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # As Python's own exit does: the threading atexit hooks (thread pools' shutdown), then joining
+    # the other non-daemon threads; then the atexit handlers.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from sketchsweep.config import ConfigError, saved_data_config
 from sketchsweep.data.fingerprint import changes, saved_record
 from sketchsweep.data.load import load_data
 from sketchsweep.data.views import Rows
-from sketchsweep.modelref import ONNX, SPLIT
+from sketchsweep.modelref import BEST_WEIGHTS, CLASSES, CONFIG, ONNX, SPLIT, ModelRef
+from sketchsweep.store import fetch_run_files
 
 log = logging.getLogger("sketchsweep")
 
+MADE = "sketchsweep.deliverables"  # a sweep trial's tag once its deliverables are logged ("made")
 CHAMPION = "champion"  # the alias a study's best model (or a registered single run) takes
 
 
@@ -89,30 +92,43 @@ def log_deliverables(
 
 
 @contextlib.contextmanager
-def from_folder(run_dir: Path) -> Iterator[Shipment]:
+def from_folder(run_dir: Path, run_id: str | None = None, uri: str | None = None) -> Iterator[Shipment]:
     """A finished run's shipment, from its folder: the best epoch's weights, and its validation
-    split read again from its data (none when the data changed since: no evaluation then)."""
-    trained = load_trained(run_dir)
-    device = engine.pick_device(str(trained.config["trainer"]["device"]))
-    data = load_data(saved_data_config(trained.config), device)
+    split read again from its data (none when the data changed since: no evaluation then). A
+    folder this machine does not have (a trial another worker trained) is read from the run's
+    MLflow artifacts (``run_id`` in the store at ``uri``)."""
+    with contextlib.ExitStack() as stack:
+        if not run_dir.is_dir() and run_id is not None:
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sketchsweep-ship-")))
+            fetch_run_files(ModelRef.parse(f"runs:/{run_id}"), (CONFIG, CLASSES, SPLIT, BEST_WEIGHTS), run_dir, uri)
+        trained = load_trained(run_dir)
+        device = engine.pick_device(str(trained.config["trainer"]["device"]))
+        data = load_data(saved_data_config(trained.config), device)
+        if hasattr(data.images, "close"):  # streamed from disk
+            stack.callback(data.images.close)
+        rows, example = _validation(run_dir, trained, data, device)
+        precision = engine.resolve_precision(str(trained.config["trainer"]["precision"]), device)
+        model = trained.model.to(device)
+        yield Shipment(model, trained.class_names, trained.config, run_dir, rows, example, device, precision)
+
+
+def _validation(run_dir: Path, trained: TrainedModel, data, device: torch.device) -> tuple[Rows | None, np.ndarray]:
+    """The run's validation rows as its data holds them now (None when its files changed since:
+    the split would index other drawings), and up to 64 real drawings for signatures and parity."""
     with np.load(run_dir / SPLIT, allow_pickle=False) as z:
         val = z["val"].astype(np.int64)
     record = saved_record(run_dir / SPLIT)
     changed = changes(record, data) if record is not None else []
-    rows = None
-    if changed or (len(val) and val.max() >= len(data.labels)):
+    if data.class_names != trained.class_names:  # a class added to the folder shifts every row and label
+        changed.append(f"classes {trained.class_names} at training, {data.class_names} now")
+    if len(val) and val.max() >= len(data.labels):
+        changed.append(f"the split indexes row {val.max()}, the data has {len(data.labels)}")
+    if changed:
         log.warning("%s: its data changed since training (%s): no evaluation artifacts", run_dir, "; ".join(changed))
         val = val[:0]
-    else:
-        rows = Rows(data.images, data.labels[val], val, device)
-    example = np.ascontiguousarray(data.images[val[:64]] if len(val) else data.images[np.arange(64)])
-    precision = engine.resolve_precision(str(trained.config["trainer"]["precision"]), device)
-    model = trained.model.to(device)
-    try:
-        yield Shipment(model, trained.class_names, trained.config, run_dir, rows, example, device, precision)
-    finally:
-        if hasattr(data.images, "close"):  # streamed from disk
-            data.images.close()
+    rows = Rows(data.images, data.labels[val], val, device) if len(val) else None
+    first = val[:64] if len(val) else np.arange(min(64, len(data.labels)))
+    return rows, np.ascontiguousarray(data.images[first])
 
 
 def data_label(config: dict[str, Any] | DictConfig) -> str:

@@ -63,11 +63,11 @@ def registered_run(client: MlflowClient, ref: ModelRef) -> str:
     return version.run_id
 
 
-def fetch_run_files(ref: ModelRef, names: Iterable[str], dst: Path) -> str:
+def fetch_run_files(ref: ModelRef, names: Iterable[str], dst: Path, uri: str | None = None) -> str:
     """Download ``names`` from the artifacts of the run a ``runs:/`` or ``models:/`` reference
-    points at (in the store ``$MLFLOW_TRACKING_URI`` names, default the project's) into ``dst``;
-    returns the run id."""
-    uri = tracking_uri(None)
+    points at (in the store at ``uri``; None: the one ``$MLFLOW_TRACKING_URI`` names, default the
+    project's) into ``dst``; returns the run id."""
+    uri = uri or tracking_uri(None)
     run_id = ref.run_id or registered_run(MlflowClient(uri), ref)
     for name in names:
         try:

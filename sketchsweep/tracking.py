@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import mlflow
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
 
 from sketchsweep import credentials
 from sketchsweep.cli import UserError, one_line
@@ -293,16 +293,17 @@ class Run:
         """Weights in a local artifact store: a hard link to the run folder's file rather than a
         second copy (its files are replaced by rename, never rewritten, so the artifact keeps its
         content). False where that cannot be done: the file is then copied or uploaded."""
-        uri = urlparse(self.run.info.artifact_uri)
-        if path.suffix not in WEIGHT_SUFFIXES or uri.scheme not in ("", "file"):
+        uri = self.run.info.artifact_uri
+        if path.suffix not in WEIGHT_SUFFIXES or urlparse(uri).scheme not in ("", "file"):
             return False
-        folder = Path(url2pathname(uri.path)) / (artifact_path or "")
+        folder = Path(local_file_uri_to_path(uri)) / (artifact_path or "")  # as MLflow's own copy reads it
         tmp = folder / f".{path.name}.{os.getpid()}.link"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp.unlink(missing_ok=True)
             os.link(path, tmp)
             os.replace(tmp, folder / path.name)
+            tmp.unlink(missing_ok=True)  # still there when the artifact already was this very file
         except OSError:  # another file system, or links not allowed: copied instead
             tmp.unlink(missing_ok=True)
             return False
@@ -343,13 +344,14 @@ class Run:
 
 class ReopenedRun(Run):
     """A finished run, opened again to add what is made after it ended (a sweep's deliverables for
-    its best trial). It keeps its status and end time; what went wrong is its tag
-    ``sketchsweep.deliverables_error``."""
+    its best trial, a completed trial). It ends FINISHED again with its original end time, whatever
+    happens (a run cut while it was open before is FINISHED too: its trial completed); what went
+    wrong is its tag ``sketchsweep.deliverables_error``."""
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.reopen_id = run_id
         info = MlflowClient(uri).get_run(run_id)
-        self.previous = (info.info.status, info.info.end_time)
+        self.ended = info.info.end_time
         super().__init__(uri, info.info.experiment_id, info.info.run_name, {}, dict(info.data.tags))
 
     def __enter__(self) -> Run:
@@ -359,12 +361,13 @@ class ReopenedRun(Run):
         return self
 
     def _end(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            mlflow.set_tag(
-                "sketchsweep.deliverables_error", credentials.hide_passwords(f"{exc_type.__name__}: {exc}")[:5000]
-            )
-        mlflow.end_run(self.previous[0])
-        MlflowClient(self.uri).set_terminated(self.id, self.previous[0], end_time=self.previous[1])
+        try:
+            if exc_type is not None:
+                error = credentials.hide_passwords(f"{exc_type.__name__}: {exc}")[:5000]
+                mlflow.set_tag("sketchsweep.deliverables_error", error)
+        finally:
+            mlflow.end_run("FINISHED")
+            MlflowClient(self.uri).set_terminated(self.id, "FINISHED", end_time=self.ended)
 
 
 def onnx_signature():

@@ -317,6 +317,8 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None, signals: cli.Sig
             r.link.mark_pruned()
     if pruned_at is None and not lean:  # what a researcher looks at and ships: only for runs that finished
         deliver.log_deliverables(shipment(r), run, r.cfg.mlflow, signals.interruptible)
+        if r.link is not None:  # sweep.deliverables=all: the study does not make them again
+            run.set_tags({deliver.MADE: "made"})
     log.info(
         "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",
         *(final["val_acc"], at_best["val_acc"], best["epoch"], t.objective.value, best["value"]),
@@ -328,7 +330,11 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None, signals: cli.Sig
     if tracking.is_server(run.uri):
         say("open it: %s", url)
     else:
-        say("open it: %s  (start the UI first: make ui, or mlflow ui --backend-store-uri %s)", url, run.uri)
+        say(
+            "open it: %s  (start the UI first: make ui, or mlflow ui --backend-store-uri %s)",
+            url,
+            tracking.shown_uri(run.uri),
+        )
     run.log_files([r.run_dir / ".hydra", r.run_dir / "train.log"])  # last, so the log is complete
     return summary
 

@@ -104,6 +104,7 @@ def test_models_by_name_lead_to_the_run_and_serve_class_names(trained, tiny_data
     capsys.readouterr()
     assert predict.main(["models:/by-name@champion", str(tmp_path / "drawings.npy"), "--json"]) == 0
     assert [json.loads(line)["top_k"][0]["label"] for line in capsys.readouterr().out.splitlines()] == labels
+    mlflow.set_tracking_uri(uri)  # the process's global store (an earlier test may have set another) wins over the env
     served = mlflow.pyfunc.load_model("models:/by-name/1").predict(images, params={"top_k": 2})
     assert [r["label"] for r in served] == labels
     np.testing.assert_allclose([r["probability"] for r in served], probabilities, atol=1e-6)

@@ -107,7 +107,7 @@ def test_a_killed_workers_trial_is_failed_and_retried_by_the_other(tiny_data, tm
     killed = None
     while killed is None:  # worker 0's current trial, once it has reported an epoch
         assert victim.poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
-        numbers = re.findall(r"sweep\.trial_number=(\d+)", logs[0].read_text())
+        numbers = re.findall(r"\] trial (\d+): ", logs[0].read_text())  # the sweep says which trial starts
         if numbers:
             study = optuna.load_study(study_name="shared", storage=storage)
             t = study.trials[int(numbers[-1])]

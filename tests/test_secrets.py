@@ -339,3 +339,16 @@ def test_a_sweep_on_a_password_protected_database_records_no_password(tiny_data,
     assert hide_password(protected_db) in (tmp_path / "sweep" / "trial-0" / ".hydra" / "hydra.yaml").read_text()
     texts = {"console": proc.stdout + proc.stderr, **files_under(tmp_path / "sweep", mlflow_server.artifacts)}
     assert not leaks({**texts, **records})
+
+
+@pytest.mark.slow
+def test_a_run_on_a_password_protected_store_prints_and_records_no_password(tiny_data, tmp_path, protected_db):
+    """A single run whose MLflow store is the database itself: the line saying how to open the UI
+    names the store with its password hidden, on the console and in train.log (which is uploaded)."""
+    run_dir, artifacts = tmp_path / "run", tmp_path / "artifacts"
+    args = tiny_overrides(tiny_data, protected_db, run_dir, "trainer.epochs=1", f"mlflow.artifact_root={artifacts}")
+    proc = train_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert f"--backend-store-uri {hide_password(protected_db)}" in out
+    assert not leaks({"console": out, **files_under(run_dir, artifacts)})

@@ -54,6 +54,9 @@ def main():
         time.sleep(0.5)
         (out / "thread").write_text("joined")
     threading.Thread(target=late).start()
+    import concurrent.futures  # a pool left open, as joblib's and MLflow's are: its workers wait for its shutdown
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    pool.submit(lambda: (out / "pool").write_text("done"))
     print("result line", end="")  # piped: block-buffered, unflushed
     sys.exit(sys.argv[2] if sys.argv[2].startswith("x") else int(sys.argv[2]))
 
@@ -71,5 +74,6 @@ def test_a_command_ends_fast_but_finishes_everything_first(code, tmp_path):
     assert proc.returncode == (1 if code.startswith("x") else int(code)), proc.stderr
     assert proc.stdout == "result line"
     assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+    assert (tmp_path / "pool").read_text() == "done"
     if code.startswith("x"):
         assert proc.stderr.strip() == code  # sys.exit("message") prints it, as Python does

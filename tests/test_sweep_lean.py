@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from sketchsweep import deliver
 from sketchsweep.sweep.storage import open_storage
 from tests.conftest import sweep_overrides, tiny_overrides, train_cli
 
@@ -135,13 +137,73 @@ def test_the_sweeps_internal_keys_are_refused_outside_a_sweep(tiny_data, tmp_pat
 def test_a_resumed_study_ships_its_new_champion_and_moves_the_alias(tiny_data, tmp_path):
     """A study continued with a better trial ships that one; the first champion keeps what it has."""
     full = ("mlflow.log_onnx=true", "mlflow.log_model=false", "mlflow.log_evaluation=false")
-    sweep(tiny_data, tmp_path, "hydra.sweeper.n_trials=1", "optimizer.lr=choice(1e-9)", *full)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    space = "optimizer.lr=choice(1e-9,0.01)"
+    study = optuna.create_study(
+        study_name="lean", storage=open_storage(str(tmp_path / "study.journal")), direction="maximize"
+    )
+    study.enqueue_trial({"optimizer.lr": 1e-9})  # a hopeless first champion
+    _, uri = sweep(tiny_data, tmp_path, "hydra.sweeper.n_trials=1", space, *full)
+    client = MlflowClient(uri)
     first = client.get_model_version_by_alias("sketchsweep", "champion")
-    assert first.run_id == trial_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")[0].info.run_id
-    _, uri = sweep(tiny_data, tmp_path, "hydra.sweeper.n_trials=2", "optimizer.lr=choice(0.01)", *full)
+    assert first.run_id == trial_runs(uri)[0].info.run_id
+    study.enqueue_trial({"optimizer.lr": 0.01})
+    sweep(tiny_data, tmp_path, "hydra.sweeper.n_trials=2", space, *full)
     runs = trial_runs(uri)
     champion = client.get_model_version_by_alias("sketchsweep", "champion")
     assert champion.run_id == runs[1].info.run_id and int(champion.version) == int(first.version) + 1
     assert champion.tags["trial"] == "1" and champion.tags["study"] == "lean"
     assert runs[0].data.tags["sketchsweep.deliverables"] == "made" == runs[1].data.tags["sketchsweep.deliverables"]
+    # Run again: nothing new to ship, no version registered twice.
+    sweep(tiny_data, tmp_path, "hydra.sweeper.n_trials=2", space, *full)
+    assert len(client.search_model_versions("name = 'sketchsweep'")) == 2
+
+
+def test_a_study_created_for_another_direction_is_refused(tiny_data, tmp_path):
+    optuna.create_study(study_name="lean", storage=open_storage(str(tmp_path / "study.journal")))  # minimize
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    args = sweep_overrides(
+        tiny_data, str(tmp_path / "study.journal"), uri, tmp_path / "sweep", "lean", "optimizer.lr=choice(0.01)"
+    )
+    proc = train_cli(args, cwd=tmp_path)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert proc.returncode == 2 and "was created to ['minimize']" in lines[-1] and "Traceback" not in proc.stderr, lines
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_champion_is_shipped_from_its_mlflow_run_and_a_failure_does_not_fail_the_study(tiny_data, tmp_path):
+    """The champion's run folder is gone (trained on another machine): its MLflow artifacts serve.
+    While its data is missing too, shipping fails with one line; the study still ends FINISHED with
+    its best.yaml, and the same command ships it once the data is back."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    args = ("hydra.sweeper.n_trials=1", "optimizer.lr=choice(0.01)", "mlflow.log_evaluation=true")
+    _, uri = sweep(data, tmp_path, *args, "sweep.deliverables=none")
+    shutil.rmtree(tmp_path / "sweep" / "trial-0")
+    (tmp_path / "sweep" / "best.yaml").unlink()
+    data.rename(tmp_path / "moved")
+    out, _ = sweep(data, tmp_path, *args)
+    assert re.search(r"trial 0 not shipped: .*moved|trial 0 not shipped: .*data", out), out[-3000:]
+    client, run = MlflowClient(uri), trial_runs(uri)[0]
+    assert "sketchsweep.deliverables" not in run.data.tags and (tmp_path / "sweep" / "best.yaml").is_file()
+    [parent] = [r for r in client.search_runs([run.info.experiment_id]) if "optuna.trial" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+
+    (tmp_path / "moved").rename(data)
+    sweep(data, tmp_path, *args)
+    run = trial_runs(uri)[0]
+    assert run.data.tags["sketchsweep.deliverables"] == "made" and "evaluation" in artifacts(client, run.info.run_id)
+    assert run.info.status == "FINISHED"
+
+
+def test_a_class_added_to_the_data_since_training_means_no_evaluation(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    proc = train_cli(tiny_overrides(data, uri, tmp_path / "run", "trainer.epochs=1"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with deliver.from_folder(tmp_path / "run") as shipment:
+        assert shipment.val_rows is not None and len(shipment.val_rows)
+    first = sorted(data.glob("*.npy"))[0]
+    shutil.copy(first, data / "aaa_new_class.npy")  # sorts first: every label and row would shift
+    with deliver.from_folder(tmp_path / "run") as shipment:
+        assert shipment.val_rows is None and len(shipment.example) == 64

@@ -163,16 +163,19 @@ def test_a_sigterm_once_the_last_trial_is_recorded_changes_nothing(tiny_data, tm
     assert (parent.info.status, child.info.status) == ("FINISHED", "FINISHED")
 
 
-def _kill_during(proc: subprocess.Popen, trial: int) -> list[str]:
-    """SIGKILL the sweep (its whole session) as soon as trial ``trial`` has logged its first epoch."""
+def _kill_during(proc: subprocess.Popen, trial: int, tmp_path: Path) -> list[str]:
+    """SIGKILL the sweep (its whole session) as soon as trial ``trial`` has reported its first epoch."""
     assert proc.stdout is not None
-    lines, launched = [], False
-    for line in proc.stdout:
+    lines = []
+    for line in proc.stdout:  # the sweep's line as the trial starts
         lines.append(line)
-        launched = launched or f"sweep.trial_number={trial} " in line
-        if launched and "epoch 1/" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if f"] trial {trial}: " in line:
             break
+    deadline = time.monotonic() + 120
+    while not load(tmp_path).trials[trial].intermediate_values:
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
     return lines
@@ -195,7 +198,7 @@ def test_a_sigkilled_sweep_resumes_without_repeats_or_orphan_runs(tiny_data, tmp
         epochs=16,  # long enough that trial 1 is still training when it is killed
     )
     proc = start_train(args, tmp_path, start_new_session=True)
-    lines = _kill_during(proc, trial=1)
+    lines = _kill_during(proc, trial=1, tmp_path=tmp_path)
     killed = load(tmp_path).trials
     assert [t.state for t in killed] == [TrialState.COMPLETE, TrialState.RUNNING], "".join(lines)[-3000:]
     [run_1] = [c for c in runs(tmp_path)[2] if c.data.tags.get("optuna.trial") == "1"]

@@ -196,17 +196,16 @@ class Sweep:
             self._fail_orphans(study)
         try:
             self._loop(study, space, fixed)
-            with self.signals.interruptible():  # stopped here, the same command ships them again
-                self.shipped = ship(study, self.config, self.objectives)
+            self.shipped = ship(study, self.config, self.objectives, self.signals)  # stopped, the command ships again
             self.signals.settle()  # every trial is told: a signal from here on cuts nothing
         except BaseException as e:  # Ctrl-C: KILLED; too many failures or a bad override: FAILED
             for trial in self.in_flight:  # a trial cut off here will never finish
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             self.parent.end(study, "FAILED" if isinstance(e, Exception) else "KILLED")
             raise
-        self.parent.end(study, "FINISHED")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         report.write_best_yaml(sweep_dir / "best.yaml", study, self.objectives, self.directions, fixed)
+        self.parent.end(study, "FINISHED")
         log.info("%s", report.summary(study, self.objectives, self.directions, fixed))
 
     def _study_name(self, space: dict[str, BaseDistribution], fixed: Fixed) -> str:
@@ -236,6 +235,11 @@ class Sweep:
                 study.set_metric_names(self.objectives)  # Optuna's own view (dashboard) names the values
         except optuna.exceptions.DuplicatedStudyError:
             study, created = optuna.load_study(study_name=self.name, **kwargs), False
+        if (found := [d.name.lower() for d in study.directions]) != self.directions:
+            raise UserError(
+                f"hydra.sweeper.direction={self.directions}: study {self.name} in {redact(self.spec)} was created to "
+                f"{found}; give its directions, or another hydra.sweeper.study_name for a new study"
+            )
         done = len(study.get_trials(deepcopy=False, states=DONE))
         log.info(
             "study %s (%s): %d of %d trials done; sampler %s (seed %s), pruner %s; storage %s",
