@@ -147,6 +147,7 @@ def test_the_served_model_needs_nothing_of_sketchsweep():
     assert imported <= {"json", "typing", "numpy", "onnxruntime", "mlflow"}, imported
 
 
+@pytest.mark.slow
 def test_registered_on_a_real_mlflow_server(trained, tiny_data, mlflow_server):
     """The trained run's model.onnx logged by tracking.Run into a run on the server (training
     against a server: tests/test_scaleout.py), registered there and loaded back by name."""
@@ -217,6 +218,7 @@ def test_mlflow_models_serve_answers_class_names(trained, tiny_data, tmp_path):
     assert [len(p["top_k"]) for p in predictions] == [2] * len(images)
 
 
+@pytest.mark.slow
 def test_a_single_run_registers_itself_with_mlflow_register(tiny_data, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     args = tiny_overrides(tiny_data, uri, tmp_path / "run", "trainer.epochs=1", "mlflow.log_onnx=true")

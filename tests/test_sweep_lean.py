@@ -111,6 +111,7 @@ def test_deliverables_none_ships_nothing(tiny_data, tmp_path):
     assert "not registered" in out
 
 
+@pytest.mark.slow
 def test_deliverables_all_makes_them_in_every_trial(tiny_data, tmp_path):
     _, uri = sweep(
         tiny_data, tmp_path, "hydra.sweeper.n_trials=2", "optimizer.lr=choice(0.01,0.003)", "sweep.deliverables=all",
@@ -170,6 +171,7 @@ def test_a_study_created_for_another_direction_is_refused(tiny_data, tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_a_champion_is_shipped_from_its_mlflow_run_and_a_failure_does_not_fail_the_study(tiny_data, tmp_path):
     """The champion's run folder is gone (trained on another machine): its MLflow artifacts serve.
     While its data is missing too, shipping fails with one line; the study still ends FINISHED with
@@ -195,6 +197,7 @@ def test_a_champion_is_shipped_from_its_mlflow_run_and_a_failure_does_not_fail_t
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_class_added_to_the_data_since_training_means_no_evaluation(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
