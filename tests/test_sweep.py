@@ -234,6 +234,7 @@ def test_unknown_sampler_and_mismatched_directions_are_named(caplog):
         assert e.value.code == 2 and expected in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["lr_width", "optimizer"])
 def test_presets_run(tiny_data, tmp_path, preset):
     args = sweep_args(tiny_data, tmp_path, f"hparams_search={preset}", "hydra.sweeper.n_trials=2", "trainer.epochs=2")
@@ -319,6 +320,7 @@ def test_a_later_override_replaces_an_earlier_one():
     assert space == {"trainer.batch_size": CategoricalDistribution([32, 64])} and fixed == {}
 
 
+@pytest.mark.slow
 def test_delete_overrides_reach_every_trial_as_written(tiny_data, tmp_path):
     """`~experiment` undoes `experiment=quickstart` (its synthetic data, its MLflow experiment) in
     every trial, passed on exactly as written."""
