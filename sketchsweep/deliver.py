@@ -134,7 +134,8 @@ def _validation(run_dir: Path, trained: TrainedModel, data, device: torch.device
 def data_label(config: dict[str, Any] | DictConfig) -> str:
     """What a model was trained on, for its registered version's ``data`` tag."""
     data = config["data"]
-    return str(data["root"]) if str(data["source"]) in ("folder", "DataSource.folder") else "synthetic"
+    source = data["source"]
+    return str(data["root"]) if getattr(source, "value", source) == "folder" else "synthetic"
 
 
 def registered_name(mlflow_cfg) -> str:

@@ -175,15 +175,10 @@ def device_tags(device: torch.device) -> dict[str, str]:
 UI = "http://127.0.0.1:5000"  # where `make ui` serves a local store
 
 
-def shown_uri(uri: str) -> str:
-    """A store's URI as printed and recorded: any password hidden."""
-    return credentials.hide_passwords(uri)
-
-
 def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The run's (or experiment's) page in MLflow's classic runs view: the server's own address,
     or ``make ui``'s for a local store. (Without ``workflowType`` MLflow 3 opens its GenAI overview.)"""
-    base = shown_uri(uri).rstrip("/") if is_server(uri) else UI
+    base = credentials.hide_passwords(uri).rstrip("/") if is_server(uri) else UI
     page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
     return f"{base}/#/{page}?workflowType=machine_learning"
 

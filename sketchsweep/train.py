@@ -325,16 +325,15 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None, signals: cli.Sig
     )
     say = log.info if r.link is None else log.debug  # a sweep prints one line per trial itself
     say("run folder: %s", r.run_dir)
-    say("MLflow run %s in experiment '%s' at %s", run.id, r.cfg.mlflow.experiment_name, tracking.shown_uri(run.uri))
+    shown = credentials.hide_passwords(run.uri)
+    say("MLflow run %s in experiment '%s' at %s", run.id, r.cfg.mlflow.experiment_name, shown)
     url = tracking.run_url(run.uri, run.experiment_id, run.id)
-    if tracking.is_server(run.uri):
-        say("open it: %s", url)
-    else:
-        say(
-            "open it: %s  (start the UI first: make ui, or mlflow ui --backend-store-uri %s)",
-            url,
-            tracking.shown_uri(run.uri),
-        )
+    ui = (
+        ""
+        if tracking.is_server(run.uri)
+        else f"  (start the UI first: make ui, or mlflow ui --backend-store-uri {shown})"
+    )
+    say("open it: %s%s", url, ui)
     run.log_files([r.run_dir / ".hydra", r.run_dir / "train.log"])  # last, so the log is complete
     return summary
 
