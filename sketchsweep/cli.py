@@ -151,9 +151,21 @@ def hand_back(signum: int) -> None:
         owner.pending = signum
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
 def held_signals() -> Iterator[Signals]:
-    """Route SIGTERM and SIGINT through a ``Signals`` for the duration (main thread only)."""
+    """Route SIGTERM and SIGINT through a ``Signals`` for the duration (main thread only).
+
+    Nested in another's (a job run in the sweep's process): a signal the outer one holds stops
+    the job before it starts, and once the job is over the outer one holds signals rather than
+    raising them, so a job's way back into the sweep (Hydra's bookkeeping) is not cut after its
+    trial was recorded; the sweep stops at its next check."""
+    outer = getattr(signal.getsignal(signal.SIGTERM), "__self__", None) if _main_thread() else None
+    if isinstance(outer, Signals):
+        outer.check()
     signals = Signals()
     try:
         old = {s: signal.signal(s, signals.handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -164,6 +176,8 @@ def held_signals() -> Iterator[Signals]:
     try:
         yield signals
     finally:
+        if isinstance(outer, Signals):
+            outer.open = False  # before its handler is back: no moment where a signal cuts the way back
         for s, handler in old.items():
             signal.signal(s, handler)
     if not signals.done:

@@ -344,6 +344,25 @@ def test_signals_are_held_during_writes_and_immediate_during_compute():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_a_job_nested_in_a_sweeps_signals_is_not_cut_on_its_way_back():
+    """A job run in the sweep's process (Hydra's basic launcher) inside the sweep's interruptible
+    launch: once the job's own handler is gone, a signal is held by the sweep, not raised into
+    Hydra's bookkeeping after the trial was recorded (a flaky ``rc 130`` once the last trial was
+    told); a signal the sweep holds stops the next job before it starts."""
+    from sketchsweep.cli import held_signals
+
+    with held_signals() as sweep:
+        with sweep.interruptible():
+            with held_signals() as job:
+                job.settle()  # the trial is recorded
+            os.kill(os.getpid(), signal.SIGTERM)  # Hydra's way back from the job
+            time.sleep(0.05)
+            assert sweep.pending == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt), held_signals():
+                raise AssertionError("a signal the sweep holds must stop the next job before it starts")
+        assert sweep.pending is None and not sweep.open
+
+
 def test_sigterm_during_a_store_write_completes_it_then_stops(tiny_data, tmp_path, store, monkeypatch):
     """A signal that lands inside MLflow's SQLite write used to leave the store locked: the run
     could not be marked KILLED and the process hung for a minute. Now the write completes first."""
