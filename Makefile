@@ -15,7 +15,7 @@ PORT ?= 5000
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sketchsweep-installed
 
-.PHONY: venv test lint format demo ui clean postgres-bin
+.PHONY: venv test lint format demo ui clean postgres-bin slurm-bin
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
-test: venv postgres-bin
+test: venv postgres-bin slurm-bin
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -37,6 +37,15 @@ postgres-bin:
 	    apt-get update -qq >/dev/null && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
 	  echo "PostgreSQL binaries could not be installed: the scale-out tests will be skipped"
+
+# The SLURM tests start a throwaway single-node cluster (tests/slurm_cluster.py): as root, install
+# Debian's slurm-wlm and munge when slurmctld is missing (else those tests are skipped, with the reason).
+slurm-bin:
+	@PATH="$$PATH:/usr/sbin:/sbin"; command -v slurmctld >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null; } || \
+	  echo "SLURM (slurm-wlm, munge) could not be installed: the SLURM tests will be skipped"
 
 lint: venv
 	$(BIN)/ruff check .

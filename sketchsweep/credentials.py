@@ -20,6 +20,7 @@ Which masking is used where:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from urllib.parse import unquote, unquote_plus
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -246,6 +247,25 @@ def scrub(value: Any) -> Any:
     if isinstance(value, list):
         return [scrub(v) for v in value]
     return value
+
+
+def scrub_config(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` with every password in its strings hidden (``hydra.overrides`` too):
+    for a config that is written where it is not one of ours to scrub, e.g. the launcher config
+    and Hydra state submitit pickles for each job. The job reveals the URLs the sweep shared."""
+    out = copy.deepcopy(cfg)
+    with read_write(out), open_dict(out):
+        _scrub_node(out)
+    return out
+
+
+def _scrub_node(node: DictConfig | ListConfig) -> None:
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)):
+            _scrub_node(child)
+        elif isinstance(value := child._value(), str) and (clean := scrub(value)) != value:
+            node[key] = clean
 
 
 def _scrub_yaml(text: str) -> str:

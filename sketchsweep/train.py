@@ -122,9 +122,12 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     credentials.scrub_hydra_files(run_dir)  # Hydra copied the command line there, passwords included
     check_values(cfg)
     deliver.check_register(cfg.mlflow)
+    link = TrialLink.of(cfg.sweep)
+    if link is not None and t.resume is None and (earlier := link.earlier_checkpoint(run_dir)):
+        log.warning("trial %d runs again (its job was requeued): resuming from %s", link.number, earlier)
+        t.resume = str(earlier)  # so the run's params say so
     # As recorded (params, config.yaml, the checkpoint): passwords hidden; cfg keeps them for connecting.
     resolved = credentials.scrub(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    link = TrialLink.of(cfg.sweep)
     device = engine.pick_device(t.device.value)
     data = load_data(cfg.data, device)
     resumed = resume.load(t.resume, data, resolved)

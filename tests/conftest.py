@@ -296,3 +296,18 @@ def mlflow_server(postgres, tmp_path_factory):
     server = MlflowServer(postgres.create_database("mlflow"), tmp_path_factory.mktemp("mlflow-server") / "artifacts")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """One throwaway single-node SLURM cluster for the session (tests/slurm_cluster.py); skipped,
+    with the reason and the daemons' logs, only when it cannot run here (not root, not installed)."""
+    from tests.slurm_cluster import SlurmCluster, SlurmError
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmError as e:
+        pytest.skip(f"no SLURM test cluster: {e}\n`make test` as root installs Debian's slurm-wlm and munge")
+    yield cluster
+    cluster.stop()

@@ -312,9 +312,12 @@ def protected_db(postgres) -> str:
 
 
 @pytest.mark.slow
-def test_a_sweep_on_a_password_protected_database_records_no_password(tiny_data, tmp_path, protected_db, mlflow_server):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=submitit_local"]], ids=["basic", "submitit_local"])
+def test_a_sweep_on_a_password_protected_database_records_no_password(
+    tiny_data, tmp_path, protected_db, mlflow_server, launcher
+):
     """Jobs reach the study with the password the sweeper hands them through the environment;
-    nothing under the sweep folder, in MLflow or on the console holds it."""
+    nothing under the sweep folder (submitit's pickled jobs too), in MLflow or on the console holds it."""
     args = sweep_overrides(
         tiny_data,
         protected_db,
@@ -325,6 +328,7 @@ def test_a_sweep_on_a_password_protected_database_records_no_password(tiny_data,
         "hydra.sweeper.n_trials=1",
         "hydra.sweeper.pruner=none",
         "optimizer.lr=tag(log,interval(1e-4,1e-2))",
+        *launcher,
         epochs=2,
     )
     proc = train_cli(args, cwd=tmp_path)

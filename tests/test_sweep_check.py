@@ -49,7 +49,7 @@ def test_a_sweep_that_cannot_work_fails_before_its_first_trial(tiny_data, tmp_pa
 
 def settings(**conf):
     from hydra_plugins.sketchsweep_optuna.config import OptunaSweeperConf
-    from sketchsweep.sweep.study import read_settings
+    from sketchsweep.sweep.settings import read_settings
 
     return read_settings({**vars(OptunaSweeperConf()), **conf})[0]
 

@@ -19,8 +19,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from sketchsweep.sweep.settings import sampler_seed
 from sketchsweep.sweep.storage import StudyBusy, journal_owner, owner_path
-from sketchsweep.sweep.study import sampler_seed
 from tests.conftest import start_train, sweep_overrides, train_cli
 from tests.test_sweep import load, runs, sweep_args
 

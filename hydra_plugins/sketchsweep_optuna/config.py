@@ -1,11 +1,11 @@
-"""Registers ``hydra/sweeper=optuna`` (the settings are ``sketchsweep.sweep.study.SweeperSettings``)."""
+"""Registers ``hydra/sweeper=optuna`` (the settings are ``sketchsweep.sweep.settings.SweeperSettings``)."""
 
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
+from sketchsweep.sweep.settings import SweeperSettings
 from sketchsweep.sweep.space import Pruner, Sampler
-from sketchsweep.sweep.study import SweeperSettings
 
 
 @dataclass

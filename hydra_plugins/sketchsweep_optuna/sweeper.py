@@ -16,7 +16,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 from sketchsweep import cli
-from sketchsweep.sweep.study import Sweep, read_settings
+from sketchsweep.sweep.jobs import Batch, Submitted, is_submitit
+from sketchsweep.sweep.settings import read_settings
+from sketchsweep.sweep.study import Sweep
 
 log = logging.getLogger("sketchsweep.sweeper")
 
@@ -58,7 +60,8 @@ class OptunaSweeper(Sweeper):
         self.job_idx = 0
 
     def sweep(self, arguments: list[str]) -> None:
-        sweep = Sweep(self.settings, self.config, self._launch, compose=self._compose)
+        jobs = Submitted(self.launcher) if is_submitit(self.launcher) else Batch(self._launch)
+        sweep = Sweep(self.settings, self.config, jobs, compose=self._compose)
         with _bad_input(), _interrupted(sweep):
             sweep.run(arguments)
 

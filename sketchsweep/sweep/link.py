@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from sketchsweep.credentials import reveal
+from sketchsweep.modelref import CHECKPOINT
 from sketchsweep.sweep.space import make_pruner
 from sketchsweep.sweep.storage import open_storage, trial_id
+
+RUN_DIR = "run_dir"  # the user attribute sketchsweep.run_dir: where the trial's job trains
 
 
 class TrialLink:
@@ -29,12 +33,14 @@ class TrialLink:
         self, study_name: str, storage: str, trial_number: int, pruner: str, pruner_kwargs: str | None
     ) -> None:
         # The pruner is not kept in the storage: the sweeper passes it (name and JSON arguments).
+        self.storage = open_storage(storage)
         self.study = optuna.load_study(
             study_name=study_name,
-            storage=open_storage(storage),
+            storage=self.storage,
             pruner=make_pruner(pruner, json.loads(pruner_kwargs) if pruner_kwargs else None),
         )
-        self.trial = optuna.trial.Trial(self.study, trial_id(self.study, trial_number))
+        self.trial_id = trial_id(self.study, trial_number)
+        self.trial = optuna.trial.Trial(self.study, self.trial_id)
         self.number = trial_number
         # Optuna prunes single-objective studies only.
         self.can_prune = len(self.study.directions) == 1
@@ -52,9 +58,18 @@ class TrialLink:
         """The parameters the sampler gave this trial."""
         return dict(self.trial.params)
 
+    def earlier_checkpoint(self, run_dir: Path) -> Path | None:
+        """The checkpoint an earlier job of this same trial left in ``run_dir``: the trial is still
+        RUNNING and recorded that folder, so this job runs it again (SLURM requeued or preempted
+        it; submitit resubmitted it). None for a trial's first job."""
+        frozen = self.storage.get_trial(self.trial_id)
+        checkpoint = run_dir / CHECKPOINT
+        earlier = frozen.user_attrs.get(f"sketchsweep.{RUN_DIR}") == str(run_dir)
+        return checkpoint if frozen.state == TrialState.RUNNING and earlier and checkpoint.exists() else None
+
     def record_run(self, run_id: str, url: str, run_dir: str) -> None:
         """This trial's MLflow run and folder, as user attributes (Optuna's own view, the sweep's summary)."""
-        for key, value in (("mlflow_run_id", run_id), ("mlflow_url", url), ("run_dir", run_dir)):
+        for key, value in (("mlflow_run_id", run_id), ("mlflow_url", url), (RUN_DIR, run_dir)):
             self.trial.set_user_attr(f"sketchsweep.{key}", value)
 
     def report(self, value: float, epoch: int, last: bool = False) -> bool:

@@ -48,6 +48,52 @@ def is_database(spec: str) -> bool:
     return "://" in spec
 
 
+def is_sqlite(spec: str) -> bool:
+    return spec.lower().startswith("sqlite")
+
+
+def check_parallel(spec: str, n_jobs: int, remote: bool) -> None:
+    """Refuse a storage that cannot take the sweep's jobs: SQLite with several at once (its
+    writers lock each other out), a journal in a folder that cannot hold Optuna's file lock (a
+    symlink), or, with jobs on other machines (``remote``: SLURM), in memory (tmpfs) on this one."""
+    shown, n = redact(spec), f"hydra.sweeper.n_jobs={n_jobs}"
+    if is_sqlite(spec) and n_jobs > 1:
+        raise UserError(
+            f"hydra.sweeper.storage={shown}: SQLite is not safe for {n} trials at once; expected a .journal "
+            "file (one machine) or postgresql+psycopg://user@host/db (several machines)"
+        )
+    if is_database(spec):
+        return
+    folder = Path(spec).expanduser().absolute().parent
+    if remote and (kind := _file_system(folder)) in ("tmpfs", "ramfs"):
+        raise UserError(
+            f"hydra.sweeper.storage={shown}: {folder} is in memory ({kind}) on this machine, where the jobs "
+            "on other nodes cannot see it; expected a journal on a file system every node mounts, or a "
+            "postgresql+psycopg:// URL"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".sketchsweep-lock-check-{os.getpid()}"
+    try:
+        os.symlink(spec, probe)
+    except OSError as e:
+        raise UserError(
+            f"hydra.sweeper.storage={shown}: the folder {folder} cannot hold the journal's lock (a symlink: "
+            f"{e.strerror}); expected a journal on a local or NFS file system, or a postgresql+psycopg:// URL"
+        ) from None
+    probe.unlink()
+
+
+def _file_system(folder: Path) -> str:
+    """The type of the file system that holds ``folder`` (/proc/mounts; "" where there is none)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return ""
+    folder = folder.resolve()
+    found = [(Path(point), kind) for point, kind in mounts if folder.is_relative_to(point)]
+    return max(found, key=lambda m: len(m[0].parts))[1] if found else ""
+
+
 def owner_path(journal: str, study_name: str) -> Path:
     """The lock file of a journal study, beside the journal (not ``<journal>.lock``: Optuna's own
     short write lock has that name). One per study, so studies sharing a journal do not block each other."""
@@ -186,7 +232,7 @@ class Heartbeat:
     beating and another worker fails and re-queues them. A missed beat (database briefly
     unreachable) is logged, not raised."""
 
-    def __init__(self, storage, trial_ids: list[int], interval: int) -> None:
+    def __init__(self, storage, trial_ids: Callable[[], list[int]], interval: int) -> None:
         self.storage, self.trial_ids, self.interval = storage, trial_ids, interval
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
@@ -203,7 +249,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self.stop.wait(self.interval):
-            for tid in self.trial_ids:
+            for tid in self.trial_ids():
                 try:
                     self.storage.record_heartbeat(tid)
                 except Exception as e:

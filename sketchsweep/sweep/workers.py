@@ -22,7 +22,7 @@ import time
 
 from sketchsweep import cli
 from sketchsweep.sweep import WORKER_ENV
-from sketchsweep.sweep.storage import is_database
+from sketchsweep.sweep.storage import is_database, is_sqlite
 
 STOP_TIMEOUT = 120  # seconds a worker gets to stop cleanly before it is killed
 
@@ -39,11 +39,11 @@ def parse(argv: list[str]) -> tuple[list[tuple[str, dict[str, str]]], list[str]]
     if "-m" not in args and "--multirun" not in args:
         parser.error("expected a sweep after --, e.g. -- -m hparams_search=lr_width hydra.sweeper.storage=...")
     storage = [a.split("=", 1)[1] for a in args if a.startswith("hydra.sweeper.storage=")]
-    if not storage or not is_database(storage[-1]):
+    if not storage or not is_database(storage[-1]) or is_sqlite(storage[-1]):
         parser.error(
             "hydra.sweeper.storage: expected a database URL shared by the workers, e.g. "
             "hydra.sweeper.storage=postgresql+psycopg://user@host/optuna (a .journal file has no heartbeat, so "
-            "a dead worker's trial could not be taken over)"
+            "a dead worker's trial could not be taken over; SQLite's writers lock each other out)"
         )
     if ns.gpus is not None:
         gpus = [g.strip() for g in ns.gpus.split(",") if g.strip()]

@@ -1,0 +1,150 @@
+"""How a sweep's trials run as Hydra jobs.
+
+- ``Batch``: any Hydra launcher (basic, joblib, ...). Its ``launch`` runs a batch of jobs and
+  returns when the last one ends, so a trial pruned after one epoch leaves its slot idle until
+  the slowest trial of its batch is done (hydra issue #1954).
+- ``Submitted``: a submitit launcher (``hydra/launcher=slurm``, ``submitit_slurm``,
+  ``submitit_local``). Each trial is its own job, submitted as it is asked and collected as it
+  ends: the sweep asks the next trial as soon as a slot frees, and can cancel its jobs when it
+  is stopped. The jobs are what the launcher itself would submit (its executor and parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn
+
+from sketchsweep.credentials import scrub_config
+
+log = logging.getLogger("sketchsweep.sweeper")
+
+Launch = Callable[[list[Sequence[str]]], Sequence[JobReturn]]
+Finished = tuple[optuna.Trial, "JobReturn | BaseException"]  # a job's return, or why it has none
+POLL_S = 1.0  # how often the state of submitted jobs is read (submitit reads result files)
+# A job that ended without a result (no Python exception of its own) because the cluster ended it:
+# the trial is lost, not wrong, and is re-queued (hydra.sweeper.max_retry).
+LOST_STATES = ("CANCELLED", "PREEMPTED", "NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY")
+
+
+class JobLost(RuntimeError):
+    """A trial's job ended without a result because its cluster ended it (cancelled, preempted,
+    node failure, time limit): the trial may be run again."""
+
+
+class Batch:
+    """A batch at a time through the launcher's ``launch``."""
+
+    remote = False  # jobs on this machine (joblib, ray on a cluster aside)
+
+    def __init__(self, launch: Launch) -> None:
+        self.launch, self.queued = launch, []
+
+    def start(self, trial: optuna.Trial, overrides: Sequence[str]) -> None:
+        self.queued.append((trial, overrides))
+
+    def wait(self) -> list[Finished]:
+        """Launch what was started; every job's return once the last has ended."""
+        trials, overrides = [t for t, _ in self.queued], [o for _, o in self.queued]
+        self.queued = []
+        return list(zip(trials, self.launch(overrides), strict=True))
+
+    def stop(self, grace_s: float) -> None:
+        """Nothing to cancel: a batch ends with ``launch``."""
+        self.queued = []
+
+
+class Submitted:
+    """Each trial its own submitit job, collected as it ends."""
+
+    def __init__(self, launcher: Any) -> None:
+        self.executor = executor_of(launcher)
+        self.remote = launcher._EXECUTOR == "slurm"  # jobs on other machines
+        if self.remote:
+            from sketchsweep.sweep.squeue import watch_with_squeue  # needs submitit: the slurm extra
+
+            watch_with_squeue()
+        # submitit pickles the launcher (the sweep's config) and Hydra's state with each job, in
+        # hydra.sweep.dir: their passwords are hidden, and the job gets them from the environment.
+        self.launcher = copy.copy(launcher)
+        self.launcher.config = scrub_config(launcher.config)
+        self.jobs: list[tuple[optuna.Trial, Any]] = []
+        self.number = 0  # hydra.job.num of the next job
+
+    def start(self, trial: optuna.Trial, overrides: Sequence[str]) -> None:
+        # What BaseSubmititLauncher.launch passes each job, submitted alone rather than as an array.
+        job = self.executor.submit(
+            self.launcher, list(overrides), "hydra.sweep.dir", self.number, f"job_id_for_{self.number}", _state()
+        )
+        self.number += 1
+        self.jobs.append((trial, job))
+        log.info("trial %d: job %s", trial.number, job.job_id)
+
+    def wait(self) -> list[Finished]:
+        """The jobs that have ended (at least one), with their returns."""
+        while not (ended := [(t, j) for t, j in self.jobs if j.done()]):
+            time.sleep(POLL_S)
+        self.jobs = [(t, j) for t, j in self.jobs if (t, j) not in ended]
+        return [(t, outcome(j)) for t, j in ended]
+
+    def stop(self, grace_s: float) -> None:
+        """Cancel the running jobs (SLURM sends them SIGTERM: each ends its MLflow run KILLED) and
+        wait up to ``grace_s`` seconds for them to end."""
+        for _, job in self.jobs:
+            job.cancel(check=False)
+        deadline = time.monotonic() + grace_s
+        while any(not j.done(force_check=True) for _, j in self.jobs) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        self.jobs = []
+
+
+Jobs = Batch | Submitted
+
+
+def _state() -> dict[str, Any]:
+    """Hydra's global state, as the launcher hands it to each job, with passwords hidden."""
+    state = Singleton.get_state()  # a deep copy
+    if (hydra_config := state["instances"].get(HydraConfig)) is not None and hydra_config.cfg is not None:
+        hydra_config.cfg = scrub_config(hydra_config.cfg)
+    return state
+
+
+def outcome(job: Any) -> JobReturn | BaseException:
+    """A finished job's return; ``JobLost`` when its cluster ended it; the error otherwise."""
+    try:
+        return job.results()[0]
+    except Exception as e:
+        state = str(job.state).split()[0].upper()  # e.g. "CANCELLED by 0"
+        if state in LOST_STATES:
+            return JobLost(f"its job {job.job_id} ended {state} with no result")
+        return RuntimeError(f"its job {job.job_id} ended {state}: {str(e).splitlines()[0]}")
+
+
+def is_submitit(launcher: Any) -> bool:
+    return any(c.__name__ == "BaseSubmititLauncher" for c in type(launcher).__mro__)
+
+
+def executor_of(launcher: Any) -> Any:
+    """The submitit executor ``launcher`` would build (BaseSubmititLauncher.launch, as of
+    hydra-submitit-launcher 1.2), with the same parameters."""
+    import submitit  # only with a submitit launcher (the ``slurm`` extra)
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    kind, params = launcher._EXECUTOR, dict(launcher.params)
+    init_keys = {"submitit_folder", "max_num_timeout"}
+    init = {"folder": params["submitit_folder"]}
+    if "max_num_timeout" in params:
+        init[f"{kind}_max_num_timeout"] = params["max_num_timeout"]
+    executor = submitit.AutoExecutor(cluster=kind, **init)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    rest = {k if k in base else f"{kind}_{k}": v for k, v in params.items() if k not in init_keys}
+    executor.update_parameters(**rest)
+    return executor

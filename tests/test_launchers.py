@@ -1,0 +1,109 @@
+"""Sweeps whose trials run in other processes, two at a time: hydra-submitit-launcher's
+``submitit_local`` (each trial its own job, a freed slot refilled at once) and
+hydra-joblib-launcher (a batch at a time). Pruning, the study's counts, the MLflow parent and its
+children hold as with the basic launcher; storages that cannot take parallel jobs are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import train_cli
+from tests.test_sweep import load, runs, sweep_args
+
+LAUNCHERS = {
+    "submitit_local": ["hydra/launcher=submitit_local"],
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+}
+
+
+def _sweep(tiny_data, tmp_path, launcher: str, *extra: str):
+    args = [a for a in sweep_args(tiny_data, tmp_path, "hydra.sweeper.n_jobs=2", *LAUNCHERS[launcher], *extra)]
+    if any(a.startswith("trainer.epochs=choice") for a in extra):
+        args.remove("trainer.epochs=4")  # the searched one
+    proc = train_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_trials_at_a_time_are_pruned_counted_and_nested(tiny_data, tmp_path, launcher):
+    _sweep(
+        tiny_data,
+        tmp_path,
+        launcher,
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.pruner_kwargs={n_startup_trials:2,n_warmup_steps:0}",
+        "optimizer.lr=choice(0.01,0.005,0.003,1e-7,1e-8,1e-9)",
+    )
+    study = load(tmp_path)
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 and set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}, states
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned and all(max(t.intermediate_values) < 4 for t in pruned)  # pruned in its job, epoch by epoch
+    _, [parent], children = runs(tmp_path)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["study_best_val_acc"] == study.best_value
+    assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == list(range(6))  # one run per trial
+    assert all(
+        c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children
+    )
+    by_trial = {int(c.data.tags["optuna.trial"]): c for c in children}
+    assert all(by_trial[t.number].data.tags["optuna.state"] == "PRUNED" for t in pruned)
+
+
+def _spans(tmp_path) -> dict[int, tuple[int, int]]:
+    """Each trial's MLflow run: (start, end) in ms."""
+    _, _, children = runs(tmp_path)
+    assert all(c.info.status == "FINISHED" for c in children)
+    return {int(c.data.tags["optuna.trial"]): (c.info.start_time, c.info.end_time) for c in children}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_slot_freed_early_is_refilled_at_once_by_submitit_only(tiny_data, tmp_path, launcher):
+    """Trial 0 trains 16 epochs, trial 1 one: submitit starts trial 2 as trial 1 ends, while trial 0
+    still trains; a joblib batch starts it only once trial 0 is done too (hydra issue #1954)."""
+    _sweep(
+        tiny_data,
+        tmp_path,
+        launcher,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.pruner=none",
+        "trainer.epochs=choice(1,16)",
+    )
+    epochs = [t.params["trainer.epochs"] for t in load(tmp_path).trials]
+    assert epochs[:2] == [16, 1], epochs  # the random sampler's draws from seed 0 (Optuna 5)
+    spans = _spans(tmp_path)
+    assert spans[1][0] < spans[0][1]  # two at a time
+    if launcher == "submitit_local":
+        assert spans[1][1] <= spans[2][0] < spans[0][1]
+    else:
+        assert spans[2][0] >= spans[0][1]
+
+
+@pytest.mark.parametrize(
+    ("launcher", "storage", "error"),
+    [
+        (["hydra/launcher=joblib"], "sqlite:///{tmp}/optuna.db", "SQLite is not safe for hydra.sweeper.n_jobs=2"),
+        # Jobs on other nodes would each see their own (empty) /dev/shm.
+        (["hydra/launcher=slurm"], "/dev/shm/{name}/study.journal", "is in memory (tmpfs) on this machine"),
+    ],
+    ids=["sqlite", "tmpfs-journal-on-slurm"],
+)
+def test_a_storage_that_cannot_take_parallel_trials_is_refused(tiny_data, tmp_path, launcher, storage, error):
+    spec = storage.format(tmp=tmp_path, name=tmp_path.name)
+    args = sweep_args(
+        tiny_data, tmp_path, "hydra.sweeper.n_jobs=2", *launcher, "model.width=choice(4,8)",
+        f"hydra.sweeper.storage={spec}",
+    )  # fmt: skip
+    proc = train_cli(args, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert error in out and "Traceback" not in out
+    assert not (tmp_path / "optuna.db").exists() and not Path(spec).parent.exists()  # refused before it was opened
+    assert not (tmp_path / "sweep").exists()
