@@ -32,6 +32,7 @@ from sketchsweep.tracking import (
 )
 
 CHECK_EXPERIMENT = "sketchsweep-doctor"
+STOPPED = "sketchsweep.stopped"  # the tag saying why a run was ended KILLED
 
 
 def log_to_run(run_id: str, uri: str, folder: Path, artifact_path: str, metrics: dict[str, float]) -> None:
@@ -234,5 +235,5 @@ def gone_runs(client: MlflowClient) -> list:
 
 def end_gone_run(client: MlflowClient, run_id: str, why: str) -> None:
     """End a run whose process is gone as KILLED, saying why (tag ``sketchsweep.stopped``)."""
-    client.set_tag(run_id, "sketchsweep.stopped", why)
+    client.set_tag(run_id, STOPPED, why)
     client.set_terminated(run_id, "KILLED")

@@ -103,12 +103,14 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def train_cli(overrides: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the real entry point, as a user would, from ``cwd``."""
+def train_cli(
+    overrides: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real entry point, as a user would, from ``cwd`` (in ``env``: ``cli_env()`` by default)."""
     return subprocess.run(
         [sys.executable, "-m", "sketchsweep.train", *overrides],
         cwd=cwd,
-        env=cli_env(),
+        env=cli_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -117,9 +119,9 @@ def train_cli(overrides: list[str], cwd: Path, timeout: float = 240) -> subproce
 
 def start_train(args: list[str], cwd: Path, **popen: Any) -> subprocess.Popen:
     """The real entry point started in the background (a sweep with ``-m`` in ``args``), output
-    merged into ``stdout`` as text unless ``popen`` says otherwise."""
-    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} | popen
-    return subprocess.Popen([sys.executable, "-m", "sketchsweep.train", *args], cwd=cwd, env=cli_env(), **options)
+    merged into ``stdout`` as text, in ``cli_env()``, unless ``popen`` says otherwise."""
+    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "env": cli_env()}
+    return subprocess.Popen([sys.executable, "-m", "sketchsweep.train", *args], cwd=cwd, **options | popen)
 
 
 def rows_with_labels(x: np.ndarray, y: np.ndarray) -> list[bytes]:

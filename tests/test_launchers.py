@@ -5,12 +5,14 @@ children hold as with the basic launcher; storages that cannot take parallel job
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import train_cli
+from tests.conftest import cli_env, train_cli
 from tests.test_sweep import load, runs, sweep_args
 
 LAUNCHERS = {
@@ -107,3 +109,24 @@ def test_a_storage_that_cannot_take_parallel_trials_is_refused(tiny_data, tmp_pa
     assert error in out and "Traceback" not in out
     assert not (tmp_path / "optuna.db").exists() and not Path(spec).parent.exists()  # refused before it was opened
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_job_slurm_refuses_is_one_line_naming_the_launcher(tiny_data, tmp_path, slurm):
+    """sbatch refuses the first trial's job (a partition the cluster does not have): one line, exit 2."""
+    args = sweep_args(
+        tiny_data, tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=no-such-partition",
+        "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null",
+        "model.width=choice(4,8)",
+    )  # fmt: skip
+    env = {**cli_env(), **slurm.env}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sketchsweep.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    [line] = [x for x in out.splitlines() if "could not be submitted" in x]
+    assert "hydra.launcher: trial 0" in line and "partition" in line.lower()
+    assert "Traceback" not in out
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL]
+    _, [parent], children = runs(tmp_path)
+    assert parent.info.status == "FAILED" and not children

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
 
+from sketchsweep.cli import UserError, one_line
 from sketchsweep.credentials import scrub_config
 
 log = logging.getLogger("sketchsweep.sweeper")
@@ -80,9 +81,12 @@ class Submitted:
 
     def start(self, trial: optuna.Trial, overrides: Sequence[str]) -> None:
         # What BaseSubmititLauncher.launch passes each job, submitted alone rather than as an array.
-        job = self.executor.submit(
-            self.launcher, list(overrides), "hydra.sweep.dir", self.number, f"job_id_for_{self.number}", _state()
-        )
+        try:
+            job = self.executor.submit(
+                self.launcher, list(overrides), "hydra.sweep.dir", self.number, f"job_id_for_{self.number}", _state()
+            )
+        except Exception as e:  # sbatch refused it: a partition or resources the cluster does not have
+            raise UserError(f"hydra.launcher: trial {trial.number} could not be submitted: {one_line(e)}") from e
         self.number += 1
         self.jobs.append((trial, job))
         log.info("trial %d: job %s", trial.number, job.job_id)

@@ -118,15 +118,19 @@ class SweepRun:
                 self.client.set_terminated(self.run_id, status)
 
     def end_lost_trial(self, study_name: str, number: int, why: str) -> None:
-        """End the MLflow run of a trial whose worker died (it would stay RUNNING forever)."""
+        """End the MLflow run of a trial whose worker died or whose job was lost (it would stay
+        RUNNING forever); one its job ended KILLED itself (a signal) is told ``why`` too."""
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`optuna.study` = '{study_name}' and tags.`optuna.trial` = '{number}' "
-            "and attributes.status = 'RUNNING'",
+            filter_string=f"tags.`optuna.study` = '{study_name}' and tags.`optuna.trial` = '{number}'",
         )
         for run in runs:
-            self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
-            store.end_gone_run(self.client, run.info.run_id, why)
+            if run.info.status in ("RUNNING", "KILLED"):
+                self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+            if run.info.status == "RUNNING":
+                store.end_gone_run(self.client, run.info.run_id, why)
+            elif run.info.status == "KILLED":
+                self.client.set_tag(run.info.run_id, store.STOPPED, why)
 
     def refresh(self, study: optuna.Study, plots: bool | None = None) -> None:
         """Show the study's progress on the parent run, after every trial: trial counts, the best
