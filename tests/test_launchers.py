@@ -9,10 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import cli_env, train_cli
+from sketchsweep.cli import UserError
+from sketchsweep.sweep.link import RUN_DIR_ATTR, TrialLink
+from sketchsweep.sweep.storage import open_storage
+from sketchsweep.sweep.study import Retry
+from sketchsweep.train import train
+from tests.conftest import cli_env, compose_config, tiny_overrides, train_cli
 from tests.test_sweep import load, runs, sweep_args
 
 LAUNCHERS = {
@@ -64,11 +70,16 @@ def _spans(tmp_path) -> dict[int, tuple[int, int]]:
     return {int(c.data.tags["optuna.trial"]): (c.info.start_time, c.info.end_time) for c in children}
 
 
+# A long trial outlasts a job's start (5-7 s on 2 cores) only with many epochs (~0.3 s each); a batch
+# shows its idle slot with few.
+LONG = {"submitit_local": 60, "joblib": 16}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_slot_freed_early_is_refilled_at_once_by_submitit_only(tiny_data, tmp_path, launcher):
-    """Trial 0 trains 16 epochs, trial 1 one: submitit starts trial 2 as trial 1 ends, while trial 0
-    still trains; a joblib batch starts it only once trial 0 is done too (hydra issue #1954)."""
+    """Trial 0 trains many epochs, trial 1 one: submitit starts trial 2 as trial 1 ends, while trial
+    0 still trains; a joblib batch starts it only once trial 0 is done too (hydra issue #1954)."""
     _sweep(
         tiny_data,
         tmp_path,
@@ -76,10 +87,10 @@ def test_a_slot_freed_early_is_refilled_at_once_by_submitit_only(tiny_data, tmp_
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.sampler=random",
         "hydra.sweeper.pruner=none",
-        "trainer.epochs=choice(1,16)",
+        f"trainer.epochs=choice(1,{LONG[launcher]})",
     )
     epochs = [t.params["trainer.epochs"] for t in load(tmp_path).trials]
-    assert epochs[:2] == [16, 1], epochs  # the random sampler's draws from seed 0 (Optuna 5)
+    assert epochs[:2] == [LONG[launcher], 1], epochs  # the random sampler's draws from seed 0 (Optuna 5)
     spans = _spans(tmp_path)
     assert spans[1][0] < spans[0][1]  # two at a time
     if launcher == "submitit_local":
@@ -92,10 +103,11 @@ def test_a_slot_freed_early_is_refilled_at_once_by_submitit_only(tiny_data, tmp_
     ("launcher", "storage", "error"),
     [
         (["hydra/launcher=joblib"], "sqlite:///{tmp}/optuna.db", "SQLite is not safe for hydra.sweeper.n_jobs=2"),
+        (["hydra/launcher=slurm", "hydra.sweeper.n_jobs=1"], "sqlite:///{tmp}/optuna.db", "not safe for jobs on other"),
         # Jobs on other nodes would each see their own (empty) /dev/shm.
         (["hydra/launcher=slurm"], "/dev/shm/{name}/study.journal", "is in memory (tmpfs) on this machine"),
     ],
-    ids=["sqlite", "tmpfs-journal-on-slurm"],
+    ids=["sqlite", "sqlite-on-slurm", "tmpfs-journal-on-slurm"],
 )
 def test_a_storage_that_cannot_take_parallel_trials_is_refused(tiny_data, tmp_path, launcher, storage, error):
     spec = storage.format(tmp=tmp_path, name=tmp_path.name)
@@ -130,3 +142,61 @@ def test_a_job_slurm_refuses_is_one_line_naming_the_launcher(tiny_data, tmp_path
     assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL]
     _, [parent], children = runs(tmp_path)
     assert parent.info.status == "FAILED" and not children
+
+
+# -- a job's side: which trial it trains, and from where ------------------------------------------
+
+
+def _trial_config(tiny_data, tmp_path, storage: str, number: int):
+    args = tiny_overrides(tiny_data, f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", tmp_path / "run")
+    sweep = [
+        "sweep.study_name=s",
+        f"sweep.storage={storage}",
+        f"sweep.trial_number={number}",
+        "sweep.objectives=[val_acc]",
+    ]
+    return compose_config([*args, *sweep])
+
+
+def test_a_job_for_a_trial_its_sweep_gave_up_trains_nothing(tiny_data, tmp_path):
+    """A job that starts after its sweep told its trial FAIL (the sweep stopped; SLURM requeued a
+    preempted job whose trial was re-queued as a new one): one line, no MLflow run, no folder."""
+    storage = str(tmp_path / "study.journal")
+    study = optuna.create_study(study_name="s", storage=open_storage(storage))
+    study.tell(study.ask(), state=TrialState.FAIL)
+    with pytest.raises(UserError, match=r"sweep.trial_number=0: trial 0 of study s is FAIL, expected RUNNING"):
+        train(_trial_config(tiny_data, tmp_path, storage, 0), tmp_path / "run")
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "run" / "train.log").exists()
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_only_the_trial_that_recorded_a_folder_resumes_from_its_checkpoint(tmp_path):
+    """A requeued job of trial 0 resumes from the checkpoint it left; trial 1, trial 0 re-queued
+    as a new trial (its user attributes copied), starts over even in the same folder."""
+    storage, run_dir = str(tmp_path / "study.journal"), tmp_path / "trial"
+    study = optuna.create_study(study_name="s", storage=open_storage(storage))
+    study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    TrialLink("s", storage, 0, "none", None).record_run("r0", "http://mlflow/r0", str(run_dir))
+    (run_dir / "checkpoint.pt").parent.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"weights")
+    assert TrialLink("s", storage, 0, "none", None).earlier_checkpoint(run_dir) == run_dir / "checkpoint.pt"
+    study.tell(0, state=TrialState.FAIL)
+    Retry(max_retry=1)(study, study.trials[0])
+    assert study.ask().number == 1 and study.trials[1].user_attrs[RUN_DIR_ATTR] == str(run_dir)
+    assert TrialLink("s", storage, 1, "none", None).earlier_checkpoint(run_dir) is None
+
+
+def test_a_failed_job_is_named_by_its_error_line_and_log(tmp_path):
+    """submitit's failure message is a page (a trace between rules, then log paths): the trial's
+    failure says the exception line and where the job's log is."""
+    import submitit
+
+    from sketchsweep.sweep.jobs import outcome
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="local")
+    job = executor.submit(int, "not a number")
+    job.wait()
+    error = outcome(job)
+    assert isinstance(error, RuntimeError) and "ended" in str(error), error
+    assert "ValueError: invalid literal for int() with base 10: 'not a number'" in str(error)
+    assert f"(log: {job.paths.stderr})" in str(error) and "\n" not in str(error)

@@ -36,8 +36,9 @@ def bad_sweep(tiny_data, tmp_path, *extra: str) -> str:
         (["model.widht=choice(8,16)"], ["model.widht=8", "width"]),  # a typo: expected the keys model has
         (["optimizer=choice(adam,nadam)"], ["optimizer=nadam", "adam, adamw, sgd"]),
         (["model.width=choice(a,b)"], ["model.width=a", "Integer"]),
+        (["hydra.sweeper.n_jobs=0", SPACE], ["hydra.sweeper.n_jobs=0", "expected 1 or more"]),
     ],
-    ids=["objective", "pruner", "pruner_kwargs", "empty_space", "missing_key", "group_option", "wrong_type"],
+    ids=["objective", "pruner", "pruner_kwargs", "empty_space", "missing_key", "group_option", "wrong_type", "n_jobs"],
 )
 def test_a_sweep_that_cannot_work_fails_before_its_first_trial(tiny_data, tmp_path, extra, expected):
     out = bad_sweep(tiny_data, tmp_path, *extra)

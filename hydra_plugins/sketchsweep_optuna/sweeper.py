@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hydra.core.plugins import Plugins
@@ -34,7 +34,7 @@ def _bad_input() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _interrupted(sweep: Sweep) -> Iterator[None]:
+def _interrupted(name: Callable[[], str | None]) -> Iterator[None]:
     """Ctrl-C or SIGTERM, in the sweep or in a trial (which exits 130 itself): exit 130 with one
     line saying how to continue, not a ``KeyboardInterrupt`` traceback."""
     try:
@@ -42,7 +42,7 @@ def _interrupted(sweep: Sweep) -> Iterator[None]:
     except (KeyboardInterrupt, SystemExit) as e:
         if isinstance(e, SystemExit) and e.code != cli.INTERRUPTED:
             raise
-        study = f"study {sweep.name}" if hasattr(sweep, "name") else "the study"
+        study = f"study {found}" if (found := name()) else "the study"
         log.warning("sweep stopped; %s keeps its finished trials: run the same command to continue it", study)
         sys.exit(cli.INTERRUPTED)
 
@@ -60,9 +60,11 @@ class OptunaSweeper(Sweeper):
         self.job_idx = 0
 
     def sweep(self, arguments: list[str]) -> None:
-        jobs = Submitted(self.launcher) if is_submitit(self.launcher) else Batch(self._launch)
-        sweep = Sweep(self.settings, self.config, jobs, compose=self._compose)
-        with _bad_input(), _interrupted(sweep):
+        sweep: Sweep | None = None
+        with _bad_input(), _interrupted(lambda: getattr(sweep, "name", None)):
+            # Inside: a launcher submitit cannot build is one line; Ctrl-C while sacct is probed, 130.
+            jobs = Submitted(self.launcher) if is_submitit(self.launcher) else Batch(self._launch)
+            sweep = Sweep(self.settings, self.config, jobs, compose=self._compose)
             sweep.run(arguments)
 
     def _compose(self, overrides: list[str]) -> DictConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
 
-from sketchsweep.cli import UserError, one_line
+from sketchsweep.cli import UserError, one_line, redact
 from sketchsweep.credentials import scrub_config
 
 log = logging.getLogger("sketchsweep.sweeper")
@@ -30,9 +31,11 @@ log = logging.getLogger("sketchsweep.sweeper")
 Launch = Callable[[list[Sequence[str]]], Sequence[JobReturn]]
 Finished = tuple[optuna.Trial, "JobReturn | BaseException"]  # a job's return, or why it has none
 POLL_S = 1.0  # how often the state of submitted jobs is read (submitit reads result files)
+STOP_POLL_S = 2.0  # while a stopped sweep waits for its cancelled jobs (each check may run squeue)
 # A job that ended without a result (no Python exception of its own) because the cluster ended it:
-# the trial is lost, not wrong, and is re-queued (hydra.sweeper.max_retry).
-LOST_STATES = ("CANCELLED", "PREEMPTED", "NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY")
+# the trial is lost, not wrong, and is re-queued (hydra.sweeper.max_retry). GONE: squeue no longer
+# lists it (sketchsweep.sweep.squeue), and no result came.
+LOST_STATES = ("CANCELLED", "PREEMPTED", "NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "GONE")
 
 
 class JobLost(RuntimeError):
@@ -66,7 +69,10 @@ class Submitted:
     """Each trial its own submitit job, collected as it ends."""
 
     def __init__(self, launcher: Any) -> None:
-        self.executor = executor_of(launcher)
+        try:
+            self.executor = executor_of(launcher)
+        except (ValueError, TypeError) as e:  # a parameter submitit does not know, or of the wrong type
+            raise UserError(f"hydra.launcher: {one_line(e)}") from e
         self.remote = launcher._EXECUTOR == "slurm"  # jobs on other machines
         if self.remote:
             from sketchsweep.sweep.squeue import watch_with_squeue  # needs submitit: the slurm extra
@@ -102,14 +108,25 @@ class Submitted:
         """Cancel the running jobs (SLURM sends them SIGTERM: each ends its MLflow run KILLED) and
         wait up to ``grace_s`` seconds for them to end."""
         for _, job in self.jobs:
-            job.cancel(check=False)
-        deadline = time.monotonic() + grace_s
-        while any(not j.done(force_check=True) for _, j in self.jobs) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
+            _cancel(job)
+        deadline, running = time.monotonic() + grace_s, [j for _, j in self.jobs]
         self.jobs = []
+        while running and time.monotonic() < deadline:
+            time.sleep(STOP_POLL_S)
+            running[0].done(force_check=True)  # one squeue (or sacct) call reads every job's state
+            running = [j for j in running if not j.done()]
 
 
 Jobs = Batch | Submitted
+
+
+def _cancel(job: Any) -> None:
+    if (controller := getattr(job, "_process", None)) is not None:  # submitit_local: the job's controller
+        # LocalJob.cancel sends it SIGINT, on which it SIGKILLs the trial a second later; SIGTERM it
+        # forwards, and waits: the trial ends its MLflow run KILLED, as it does under scancel.
+        controller.send_signal(signal.SIGTERM)
+    else:
+        job.cancel(check=False)
 
 
 def _state() -> dict[str, Any]:
@@ -122,13 +139,32 @@ def _state() -> dict[str, Any]:
 
 def outcome(job: Any) -> JobReturn | BaseException:
     """A finished job's return; ``JobLost`` when its cluster ended it; the error otherwise."""
+    state = str(job.state).split()[0].upper()  # e.g. "CANCELLED by 0"
+    if state in LOST_STATES and not job.paths.result_pickle.exists():
+        # None will come: submitit's results() would wait 15 s for it, the sweep (every slot) too.
+        return _lost(job, state)
     try:
         return job.results()[0]
     except Exception as e:
-        state = str(job.state).split()[0].upper()  # e.g. "CANCELLED by 0"
+        state = str(job.state).split()[0].upper()
         if state in LOST_STATES:
-            return JobLost(f"its job {job.job_id} ended {state} with no result")
-        return RuntimeError(f"its job {job.job_id} ended {state}: {str(e).splitlines()[0]}")
+            return _lost(job, state)
+        return RuntimeError(f"its job {job.job_id} ended {state}: {_error_line(str(e))} (log: {job.paths.stderr})")
+
+
+def _lost(job: Any, state: str) -> JobLost:
+    # Its trial runs again as a new one: this job must not (a preempted job SLURM would requeue).
+    job.cancel(check=False)
+    return JobLost(f"its job {job.job_id} ended {state} with no result")
+
+
+def _error_line(text: str) -> str:
+    """The exception line of a submitit failure: its trace sits between two dashed rules, the log
+    paths after them."""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    rules = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
+    body = lines[rules[0] + 1 : rules[1]] if len(rules) >= 2 else lines
+    return redact(body[-1].strip()) if body else "no message"
 
 
 def is_submitit(launcher: Any) -> bool:

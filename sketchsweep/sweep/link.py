@@ -18,12 +18,18 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from sketchsweep.cli import UserError
 from sketchsweep.credentials import reveal
 from sketchsweep.modelref import CHECKPOINT
 from sketchsweep.sweep.space import make_pruner
 from sketchsweep.sweep.storage import open_storage, trial_id
 
-RUN_DIR = "run_dir"  # the user attribute sketchsweep.run_dir: where the trial's job trains
+# The trial's user attributes its job records (Optuna's own view, the sweep's report): its MLflow
+# run, the run's URL, its folder, and which trial recorded them (a re-queued copy inherits them).
+RUN_ID_ATTR = "sketchsweep.mlflow_run_id"
+URL_ATTR = "sketchsweep.mlflow_url"
+RUN_DIR_ATTR = "sketchsweep.run_dir"
+TRIAL_ATTR = "sketchsweep.trial_number"
 
 
 class TrialLink:
@@ -51,7 +57,15 @@ class TrialLink:
         if sweep.trial_number is None:
             return None
         storage = reveal(sweep.storage, "sweep.storage")
-        return cls(sweep.study_name, storage, sweep.trial_number, sweep.pruner, sweep.pruner_kwargs)
+        link = cls(sweep.study_name, storage, sweep.trial_number, sweep.pruner, sweep.pruner_kwargs)
+        if (state := link.storage.get_trial(link.trial_id).state) != TrialState.RUNNING:
+            # Its sweep told it already (it stopped, or a cluster ended the job and the trial was
+            # re-queued as a new one): a job started after that has nothing to train for it.
+            raise UserError(
+                f"sweep.trial_number={link.number}: trial {link.number} of study {sweep.study_name} is "
+                f"{state.name}, expected RUNNING: its sweep no longer waits for this job; nothing trained"
+            )
+        return link
 
     @property
     def params(self) -> dict[str, Any]:
@@ -59,18 +73,19 @@ class TrialLink:
         return dict(self.trial.params)
 
     def earlier_checkpoint(self, run_dir: Path) -> Path | None:
-        """The checkpoint an earlier job of this same trial left in ``run_dir``: the trial is still
-        RUNNING and recorded that folder, so this job runs it again (SLURM requeued or preempted
-        it; submitit resubmitted it). None for a trial's first job."""
-        frozen = self.storage.get_trial(self.trial_id)
+        """The checkpoint an earlier job of this same trial left in ``run_dir``: the trial (still
+        RUNNING, see ``of``) recorded that folder itself, so this job runs it again (SLURM requeued
+        or preempted it; submitit resubmitted it). None for a trial's first job."""
+        attrs = self.storage.get_trial(self.trial_id).user_attrs
         checkpoint = run_dir / CHECKPOINT
-        earlier = frozen.user_attrs.get(f"sketchsweep.{RUN_DIR}") == str(run_dir)
-        return checkpoint if frozen.state == TrialState.RUNNING and earlier and checkpoint.exists() else None
+        earlier = attrs.get(RUN_DIR_ATTR) == str(run_dir) and attrs.get(TRIAL_ATTR) == self.number
+        return checkpoint if earlier and checkpoint.exists() else None
 
     def record_run(self, run_id: str, url: str, run_dir: str) -> None:
         """This trial's MLflow run and folder, as user attributes (Optuna's own view, the sweep's summary)."""
-        for key, value in (("mlflow_run_id", run_id), ("mlflow_url", url), (RUN_DIR, run_dir)):
-            self.trial.set_user_attr(f"sketchsweep.{key}", value)
+        recorded = {RUN_ID_ATTR: run_id, URL_ATTR: url, RUN_DIR_ATTR: run_dir, TRIAL_ATTR: self.number}
+        for key, value in recorded.items():
+            self.trial.set_user_attr(key, value)
 
     def report(self, value: float, epoch: int, last: bool = False) -> bool:
         """Report the objective at ``epoch``; True when the pruner says to stop this trial (never

@@ -22,11 +22,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sketchsweep.credentials import hide_passwords
 from sketchsweep.sweep.console import short
+from sketchsweep.sweep.link import RUN_DIR_ATTR, RUN_ID_ATTR, URL_ATTR
 from sketchsweep.sweep.space import Fixed
 
-RUN_ID_ATTR = "sketchsweep.mlflow_run_id"
-URL_ATTR = "sketchsweep.mlflow_url"
-RUN_DIR_ATTR = "sketchsweep.run_dir"
 TOP = 5  # trials in the summary's table (single objective)
 FRONT = 10  # Pareto trials in the summary's table (best.yaml lists them all)
 TRAIN = "python -m sketchsweep.train"

@@ -33,7 +33,7 @@ class SweeperSettings:
     objective: Any = "val_acc"
     direction: Any = "maximize"
     n_trials: int = 20  # the study's total: a resumed study runs only what is missing
-    n_jobs: int = 1  # trials handed to the launcher at a time (for parallel launchers)
+    n_jobs: int = 1  # trials running at once: a batch at a time, or (submitit) a new one as one ends
     study_name: str | None = None  # null: derived from the search space, so the same command resumes
     # A .journal path (one sweep process per study) or a database URL, e.g.
     # postgresql+psycopg://user@host/db (several workers); null: <project>/mlruns/optuna/<study>.journal
@@ -71,6 +71,8 @@ def read_settings(conf: dict[str, Any]) -> tuple[DictConfig, list[str], list[str
         raise UserError(f"hydra.sweeper.objective: {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
     if unknown := [d for d in directions if d not in DIRECTIONS]:
         raise UserError(f"hydra.sweeper.direction: {unknown} unknown; expected {' or '.join(DIRECTIONS)}")
+    if settings.n_jobs < 1:
+        raise UserError(f"hydra.sweeper.n_jobs={settings.n_jobs}: expected 1 or more (trials running at once)")
     return settings, objectives, directions
 
 

@@ -5,7 +5,7 @@ on forever. Imported only with a SLURM launcher (submitit is the ``slurm`` extra
 
 from __future__ import annotations
 
-import getpass
+import os
 import subprocess
 
 from submitit.slurm import slurm
@@ -31,7 +31,7 @@ class SqueueInfoWatcher(slurm.SlurmInfoWatcher):
         if not (self._registered - self._finished):
             return None
         # Not -j: squeue fails when none of the ids it is given is known any more.
-        return ["squeue", "--noheader", "--states=all", f"--user={getpass.getuser()}", "--format=%i|%T|%N"]
+        return ["squeue", "--noheader", "--states=all", f"--user={os.getuid()}", "--format=%i|%T|%N"]
 
     def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
         text = string.decode() if isinstance(string, bytes) else string

@@ -54,12 +54,14 @@ def is_sqlite(spec: str) -> bool:
 
 def check_parallel(spec: str, n_jobs: int, remote: bool) -> None:
     """Refuse a storage that cannot take the sweep's jobs: SQLite with several at once (its
-    writers lock each other out), a journal in a folder that cannot hold Optuna's file lock (a
-    symlink), or, with jobs on other machines (``remote``: SLURM), in memory (tmpfs) on this one."""
+    writers lock each other out) or on other machines (its locks fail on network file systems), a
+    journal in a folder that cannot hold Optuna's file lock (a symlink), or, with jobs on other
+    machines (``remote``: SLURM), in memory (tmpfs) on this one."""
     shown, n = redact(spec), f"hydra.sweeper.n_jobs={n_jobs}"
-    if is_sqlite(spec) and n_jobs > 1:
+    if is_sqlite(spec) and (n_jobs > 1 or remote):
+        where = "jobs on other machines (SLURM)" if remote else f"{n} trials at once"
         raise UserError(
-            f"hydra.sweeper.storage={shown}: SQLite is not safe for {n} trials at once; expected a .journal "
+            f"hydra.sweeper.storage={shown}: SQLite is not safe for {where}; expected a .journal "
             "file (one machine) or postgresql+psycopg://user@host/db (several machines)"
         )
     if is_database(spec):

@@ -56,7 +56,11 @@ from sketchsweep.sweep.storage import (
 log = logging.getLogger("sketchsweep.sweeper")
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-STOP_GRACE_S = 60  # how long a stopped sweep waits for its cancelled jobs to end their runs
+# How long a stopped sweep waits for its cancelled jobs to end their runs: under SLURM's default
+# KillWait (30 s), so a sweep that is itself a preempted job still FAILs its trials before SIGKILL.
+STOP_GRACE_S = 20
+# Optuna 4.9 renamed RetryFailedTrialCallback (deprecated, removed in 6).
+Retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 Settings = tuple[DictConfig, list[str], list[str]]  # read_settings: hydra.sweeper, objectives, directions
 
 
@@ -137,11 +141,14 @@ class Sweep:
     def _abandon(self, study: optuna.Study) -> None:
         """The sweep stops with trials in flight: cancel their jobs (running elsewhere, they would
         go on without it), then FAIL them and end their MLflow runs that are still RUNNING."""
-        self.jobs.stop(STOP_GRACE_S)
-        for trial in self.in_flight:  # a trial cut off here will never finish
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            if self.parent is not None and not _recorded(study, trial.number):
-                self.parent.end_lost_trial(self.name, trial.number, "its sweep was stopped while it ran: optuna FAIL")
+        try:
+            self.jobs.stop(STOP_GRACE_S)
+        finally:  # a trial cut off here will never finish, even when cancelling its job failed
+            for trial in self.in_flight:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                if self.parent is not None and not _recorded(study, trial.number):
+                    why = "its sweep was stopped while it ran: optuna FAIL"
+                    self.parent.end_lost_trial(self.name, trial.number, why)
 
     def _study_name(self, space: dict[str, BaseDistribution], fixed: Fixed) -> str:
         if self.settings.study_name:
@@ -245,7 +252,7 @@ class Sweep:
                 self.storage.record_heartbeat(self.beating[trial.number])
             if self._surplus(study, trial):
                 self._done(trial)
-                continue
+                break  # the study's trials are taken: asking more would only make more surplus
             log.info("trial %d: %s", trial.number, " ".join(f"{k}={short(v)}" for k, v in trial.params.items()))
             self.jobs.start(trial, self._overrides(trial, fixed))
 
@@ -273,12 +280,13 @@ class Sweep:
                 self._failed(study, trial, e)
 
     def _failed(self, study: optuna.Study, trial: optuna.Trial, e: Exception) -> None:
-        """A trial with no result: FAIL; re-queued with the same params when its cluster ended its job."""
-        self.failures += 1
+        """A trial with no result: FAIL. One whose job its cluster ended is re-queued with the same
+        params, and counts towards ``max_failures`` only once it is not (``max_retry`` spent)."""
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        if isinstance(e, JobLost):
-            self._retry(study, trial.number, f"{e}: optuna FAIL")
-        else:
+        if isinstance(e, JobLost) and self._retry(study, trial.number, f"{e}: optuna FAIL"):
+            return
+        self.failures += 1
+        if not isinstance(e, JobLost):
             log.warning("trial %d failed (%d so far): %s: %s", trial.number, self.failures, type(e).__name__, e)
         if self.failures > self.settings.max_failures:
             raise RuntimeError(
@@ -307,18 +315,19 @@ class Sweep:
         grace = self.settings.grace_period or 2 * self.settings.heartbeat_interval
         self._retry(study, trial.number, f"worker lost (no heartbeat for {grace} s): optuna FAIL")
 
-    def _retry(self, study: optuna.Study, number: int, why: str) -> None:
-        """Re-queue FAIL trial ``number`` with the same params (up to ``max_retry`` times) and end
-        its MLflow run KILLED, saying ``why``."""
+    def _retry(self, study: optuna.Study, number: int, why: str) -> bool:
+        """Re-queue FAIL trial ``number`` with the same params (up to ``max_retry`` times: True if
+        it was) and end its MLflow run KILLED, saying ``why``."""
         max_retry, trial = self.settings.max_retry, study.get_trials(deepcopy=False)[number]
         retried = len(trial.system_attrs.get("retry_history", [])) < max_retry
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)(study, trial)
+            Retry(max_retry=max_retry)(study, trial)
         why += ", re-queued with the same params" if retried else f", not retried (max_retry={max_retry})"
         log.warning("trial %d: %s", number, why)
         if self.parent is not None:
             self.parent.end_lost_trial(study.study_name, number, why)
+        return retried
 
     def _overrides(self, trial: optuna.Trial, fixed: Fixed) -> tuple[str, ...]:
         """The job's overrides: the trial's params, the fixed overrides, and how to reach its trial."""
