@@ -151,6 +151,15 @@ def hand_back(signum: int) -> None:
         owner.pending = signum
 
 
+def stop_on_sigterm_in_a_job() -> None:
+    """A submitit job ignores SIGTERM (submitit's ``bypass``: it waits for USR2 to requeue itself):
+    a trial's job stops on it as on Ctrl-C instead, from its first line, so ``scancel`` or a
+    stopped sweep ends it while it sets up too (training then holds signals through its writes)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if os.environ.get("SUBMITIT_EXECUTOR") and getattr(handler, "__name__", "") == "bypass" and _main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 

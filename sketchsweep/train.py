@@ -370,6 +370,7 @@ register_configs()
 def main(cfg: DictConfig) -> float | tuple[float, ...]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    cli.stop_on_sigterm_in_a_job()
     try:
         credentials.scrub_hydra_files(run_dir)  # before anything can stop the run: Hydra wrote the command line there
         check_sweep_keys(cfg, hc.mode == RunMode.MULTIRUN and "sketchsweep_optuna" in str(hc.sweeper.get("_target_")))

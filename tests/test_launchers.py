@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from sketchsweep.cli import UserError
 from sketchsweep.sweep.link import RUN_DIR_ATTR, TrialLink
-from sketchsweep.sweep.storage import open_storage
+from sketchsweep.sweep.storage import check_parallel, open_storage
 from sketchsweep.sweep.study import Retry
 from sketchsweep.train import train
 from tests.conftest import cli_env, compose_config, tiny_overrides, train_cli
@@ -99,6 +99,19 @@ def test_a_slot_freed_early_is_refilled_at_once_by_submitit_only(tiny_data, tmp_
         assert spans[2][0] >= spans[0][1]
 
 
+def test_sqlite_takes_the_basic_launchers_batches_and_a_path_is_not_a_url(tiny_data, tmp_path, monkeypatch):
+    """The basic launcher runs a batch one job after another: SQLite is fine with n_jobs=2 there.
+    A journal whose (relative) path starts with "sqlite" is a journal."""
+    monkeypatch.chdir(tmp_path)
+    check_parallel("sqlite-studies/s.journal", 2, remote=True)
+    args = sweep_args(
+        tiny_data, tmp_path, "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", "model.width=choice(4,8)",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+    )  # fmt: skip
+    proc = train_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("launcher", "storage", "error"),
     [
@@ -158,15 +171,18 @@ def _trial_config(tiny_data, tmp_path, storage: str, number: int):
     return compose_config([*args, *sweep])
 
 
-def test_a_job_for_a_trial_its_sweep_gave_up_trains_nothing(tiny_data, tmp_path):
+def test_a_job_for_a_trial_its_sweep_gave_up_trains_nothing(tiny_data, tmp_path, caplog):
     """A job that starts after its sweep told its trial FAIL (the sweep stopped; SLURM requeued a
-    preempted job whose trial was re-queued as a new one): one line, no MLflow run, no folder."""
+    preempted job whose trial was re-queued as a new one): one line in its log, no MLflow run, no
+    folder."""
     storage = str(tmp_path / "study.journal")
     study = optuna.create_study(study_name="s", storage=open_storage(storage))
     study.tell(study.ask(), state=TrialState.FAIL)
     with pytest.raises(UserError, match=r"sweep.trial_number=0: trial 0 of study s is FAIL, expected RUNNING"):
         train(_trial_config(tiny_data, tmp_path, storage, 0), tmp_path / "run")
-    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "run" / "train.log").exists()
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "run").exists()
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]  # no sweep reads the job's return
+    assert line.startswith("sweep.trial_number=0: trial 0 of study s is FAIL"), line
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -200,3 +216,32 @@ def test_a_failed_job_is_named_by_its_error_line_and_log(tmp_path):
     assert isinstance(error, RuntimeError) and "ended" in str(error), error
     assert "ValueError: invalid literal for int() with base 10: 'not a number'" in str(error)
     assert f"(log: {job.paths.stderr})" in str(error) and "\n" not in str(error)
+
+
+def _sigterm_self_then_sleep(stop_on_sigterm: bool) -> str:
+    """In a submitit job: SIGTERM itself (as scancel does) and report whether it was stopped."""
+    import os
+    import signal
+    import time
+
+    from sketchsweep import cli
+
+    if stop_on_sigterm:
+        cli.stop_on_sigterm_in_a_job()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)
+    return "went on"
+
+
+@pytest.mark.parametrize("stop", [True, False], ids=["trial-job", "submitits-default"])
+def test_a_trials_job_stops_on_sigterm_from_its_first_line(tmp_path, stop):
+    """submitit's jobs ignore SIGTERM (its ``bypass``); a trial's job (``train.main``) undoes that
+    first, so scancel or a stopped sweep ends it while it sets up, before training holds signals."""
+    import submitit
+
+    job = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="local").submit(_sigterm_self_then_sleep, stop)
+    job.wait()
+    if stop:  # KeyboardInterrupt: the job ends with no result, as a cancelled one does
+        assert not job.paths.result_pickle.exists() and "KeyboardInterrupt" in job.stderr()
+    else:
+        assert job.result() == "went on"

@@ -164,6 +164,7 @@ def test_a_trial_whose_job_is_cancelled_is_failed_and_run_again(slurm, start_swe
     out = ended_sweep(proc, tmp_path)
     assert proc.returncode == 0, out[-3000:]
     assert slurm.job(job)["JobState"] == "CANCELLED"
+    assert "scancel: error" not in out  # the lost job is cancelled again (quietly), in case SLURM would rerun it
     assert f"trial 0: its job {job} ended CANCELLED with no result: optuna FAIL, re-queued with the same params" in out
     trials = load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE], out[-3000:]

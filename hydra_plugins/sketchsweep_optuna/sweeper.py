@@ -63,7 +63,10 @@ class OptunaSweeper(Sweeper):
         sweep: Sweep | None = None
         with _bad_input(), _interrupted(lambda: getattr(sweep, "name", None)):
             # Inside: a launcher submitit cannot build is one line; Ctrl-C while sacct is probed, 130.
-            jobs = Submitted(self.launcher) if is_submitit(self.launcher) else Batch(self._launch)
+            if is_submitit(self.launcher):
+                jobs = Submitted(self.launcher)
+            else:  # Hydra's basic launcher runs a batch's jobs one after another, in this process
+                jobs = Batch(self._launch, parallel=type(self.launcher).__name__ != "BasicLauncher")
             sweep = Sweep(self.settings, self.config, jobs, compose=self._compose)
             sweep.run(arguments)
 

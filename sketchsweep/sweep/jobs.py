@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +33,9 @@ Launch = Callable[[list[Sequence[str]]], Sequence[JobReturn]]
 Finished = tuple[optuna.Trial, "JobReturn | BaseException"]  # a job's return, or why it has none
 POLL_S = 1.0  # how often the state of submitted jobs is read (submitit reads result files)
 STOP_POLL_S = 2.0  # while a stopped sweep waits for its cancelled jobs (each check may run squeue)
+# submitit counts PREEMPTED as unfinished (a job SLURM requeues passes through it): one still
+# PREEMPTED this long after it was first seen so, on a fresh read, was not requeued (PreemptMode=CANCEL).
+PREEMPTED_S = 60.0
 # A job that ended without a result (no Python exception of its own) because the cluster ended it:
 # the trial is lost, not wrong, and is re-queued (hydra.sweeper.max_retry). GONE: squeue no longer
 # lists it (sketchsweep.sweep.squeue), and no result came.
@@ -48,8 +52,9 @@ class Batch:
 
     remote = False  # jobs on this machine (joblib, ray on a cluster aside)
 
-    def __init__(self, launch: Launch) -> None:
-        self.launch, self.queued = launch, []
+    def __init__(self, launch: Launch, parallel: bool) -> None:
+        """``parallel``: the launcher runs a batch's jobs at once (not Hydra's basic launcher)."""
+        self.launch, self.parallel, self.queued = launch, parallel, []
 
     def start(self, trial: optuna.Trial, overrides: Sequence[str]) -> None:
         self.queued.append((trial, overrides))
@@ -68,6 +73,8 @@ class Batch:
 class Submitted:
     """Each trial its own submitit job, collected as it ends."""
 
+    parallel = True
+
     def __init__(self, launcher: Any) -> None:
         try:
             self.executor = executor_of(launcher)
@@ -84,6 +91,7 @@ class Submitted:
         self.launcher.config = scrub_config(launcher.config)
         self.jobs: list[tuple[optuna.Trial, Any]] = []
         self.number = 0  # hydra.job.num of the next job
+        self.preempted: dict[str, float] = {}  # job id: when it was first seen PREEMPTED
 
     def start(self, trial: optuna.Trial, overrides: Sequence[str]) -> None:
         # What BaseSubmititLauncher.launch passes each job, submitted alone rather than as an array.
@@ -99,7 +107,7 @@ class Submitted:
 
     def wait(self) -> list[Finished]:
         """The jobs that have ended (at least one), with their returns."""
-        while not (ended := [(t, j) for t, j in self.jobs if j.done()]):
+        while not (ended := [(t, j) for t, j in self.jobs if self._ended(j)]):
             time.sleep(POLL_S)
         self.jobs = [(t, j) for t, j in self.jobs if (t, j) not in ended]
         return [(t, outcome(j)) for t, j in ended]
@@ -107,26 +115,52 @@ class Submitted:
     def stop(self, grace_s: float) -> None:
         """Cancel the running jobs (SLURM sends them SIGTERM: each ends its MLflow run KILLED) and
         wait up to ``grace_s`` seconds for them to end."""
-        for _, job in self.jobs:
-            _cancel(job)
-        deadline, running = time.monotonic() + grace_s, [j for _, j in self.jobs]
-        self.jobs = []
+        running, self.jobs = [j for _, j in self.jobs], []
+        cancel(running)
+        deadline = time.monotonic() + grace_s
         while running and time.monotonic() < deadline:
             time.sleep(STOP_POLL_S)
             running[0].done(force_check=True)  # one squeue (or sacct) call reads every job's state
             running = [j for j in running if not j.done()]
+        for job in running:  # a local one that did not end: submitit's own cancel, SIGKILL a second on
+            if getattr(job, "_process", None) is not None:
+                job.cancel(check=False)
+
+    def _ended(self, job: Any) -> bool:
+        """Done, or PREEMPTED for ``PREEMPTED_S`` and still so on a fresh read: not requeued."""
+        if job.done():
+            return True
+        if not _preempted(job.state):
+            self.preempted.pop(job.job_id, None)
+            return False
+        first = self.preempted.setdefault(job.job_id, time.monotonic())
+        return time.monotonic() - first > PREEMPTED_S and _preempted(job.watcher.get_state(job.job_id, "force"))
+
+
+def _preempted(state: Any) -> bool:
+    return str(state).upper().startswith("PREEMPTED")
 
 
 Jobs = Batch | Submitted
 
 
-def _cancel(job: Any) -> None:
-    if (controller := getattr(job, "_process", None)) is not None:  # submitit_local: the job's controller
-        # LocalJob.cancel sends it SIGINT, on which it SIGKILLs the trial a second later; SIGTERM it
-        # forwards, and waits: the trial ends its MLflow run KILLED, as it does under scancel.
-        controller.send_signal(signal.SIGTERM)
-    else:
-        job.cancel(check=False)
+def cancel(jobs: list[Any]) -> None:
+    """Cancel ``jobs`` (any may have ended already): one quiet ``scancel`` for SLURM's (submitit's
+    cancel prints scancel's complaint about an ended job on the sweep's console); SIGTERM to a
+    ``submitit_local`` job's controller (its cancel sends SIGINT, on which the controller SIGKILLs
+    the trial a second later; SIGTERM it forwards and waits for: the trial ends its run KILLED)."""
+    slurm_ids = []
+    for job in jobs:
+        if (controller := getattr(job, "_process", None)) is not None:
+            if controller.poll() is None:
+                controller.send_signal(signal.SIGTERM)
+        else:
+            slurm_ids.append(str(job.job_id))
+    if slurm_ids:
+        try:
+            subprocess.run(["scancel", *slurm_ids], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("scancel %s: %s", " ".join(slurm_ids), one_line(e))
 
 
 def _state() -> dict[str, Any]:
@@ -153,8 +187,7 @@ def outcome(job: Any) -> JobReturn | BaseException:
 
 
 def _lost(job: Any, state: str) -> JobLost:
-    # Its trial runs again as a new one: this job must not (a preempted job SLURM would requeue).
-    job.cancel(check=False)
+    cancel([job])  # its trial runs again as a new one: this job must not (one SLURM would requeue)
     return JobLost(f"its job {job.job_id} ended {state} with no result")
 
 

@@ -11,6 +11,7 @@ the sweeper hands its launcher (``sketchsweep.credentials``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from sketchsweep.sweep.storage import open_storage, trial_id
 
 # The trial's user attributes its job records (Optuna's own view, the sweep's report): its MLflow
 # run, the run's URL, its folder, and which trial recorded them (a re-queued copy inherits them).
+log = logging.getLogger("sketchsweep")
 RUN_ID_ATTR = "sketchsweep.mlflow_run_id"
 URL_ATTR = "sketchsweep.mlflow_url"
 RUN_DIR_ATTR = "sketchsweep.run_dir"
@@ -61,10 +63,12 @@ class TrialLink:
         if (state := link.storage.get_trial(link.trial_id).state) != TrialState.RUNNING:
             # Its sweep told it already (it stopped, or a cluster ended the job and the trial was
             # re-queued as a new one): a job started after that has nothing to train for it.
-            raise UserError(
+            message = (
                 f"sweep.trial_number={link.number}: trial {link.number} of study {sweep.study_name} is "
                 f"{state.name}, expected RUNNING: its sweep no longer waits for this job; nothing trained"
             )
+            log.error("%s", message)  # in the job's log: no sweep reads this job's return
+            raise UserError(message)
         return link
 
     @property

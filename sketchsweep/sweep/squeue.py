@@ -31,7 +31,8 @@ class SqueueInfoWatcher(slurm.SlurmInfoWatcher):
         if not (self._registered - self._finished):
             return None
         # Not -j: squeue fails when none of the ids it is given is known any more.
-        return ["squeue", "--noheader", "--states=all", f"--user={os.getuid()}", "--format=%i|%T|%N"]
+        # --all: jobs in hidden partitions too (else they would look gone at once).
+        return ["squeue", "--all", "--noheader", "--states=all", f"--user={os.getuid()}", "--format=%i|%T|%N"]
 
     def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
         text = string.decode() if isinstance(string, bytes) else string

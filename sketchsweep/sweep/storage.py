@@ -49,7 +49,8 @@ def is_database(spec: str) -> bool:
 
 
 def is_sqlite(spec: str) -> bool:
-    return spec.lower().startswith("sqlite")
+    """An SQLite URL (``sqlite:///...``, ``sqlite+pysqlite:///...``), not a path that starts so."""
+    return is_database(spec) and spec.lower().split("://")[0].split("+")[0] == "sqlite"
 
 
 def check_parallel(spec: str, n_jobs: int, remote: bool) -> None:

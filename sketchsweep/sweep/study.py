@@ -115,7 +115,7 @@ class Sweep:
         self.name = self._study_name(space, fixed)
         self.spec = str(s.storage) if s.storage else str(JOURNAL_DIR / f"{self.name}.journal")
         self.shared = is_database(self.spec)  # several workers may share the study
-        check_parallel(self.spec, s.n_jobs, self.jobs.remote)
+        check_parallel(self.spec, s.n_jobs if self.jobs.parallel else 1, self.jobs.remote)
         # A journal study has one sweep process: it owns the study until it ends (or dies).
         with contextlib.nullcontext() if self.shared else journal_owner(self.spec, self.name):
             self._sweep(space, fixed)
@@ -130,8 +130,10 @@ class Sweep:
             self.shipped = ship(study, self.config, self.objectives, self.signals)  # stopped, the command ships again
             self.signals.settle()  # every trial is told: a signal from here on cuts nothing
         except BaseException as e:  # Ctrl-C: KILLED; too many failures or a bad override: FAILED
-            self._abandon(study)
-            self.parent.end(study, "FAILED" if isinstance(e, Exception) else "KILLED")
+            try:
+                self._abandon(study)
+            finally:  # a third Ctrl-C while jobs are cancelled still ends the parent run
+                self.parent.end(study, "FAILED" if isinstance(e, Exception) else "KILLED")
             raise
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         report.write_best_yaml(sweep_dir / "best.yaml", study, self.objectives, self.directions, fixed)
@@ -282,6 +284,9 @@ class Sweep:
     def _failed(self, study: optuna.Study, trial: optuna.Trial, e: Exception) -> None:
         """A trial with no result: FAIL. One whose job its cluster ended is re-queued with the same
         params, and counts towards ``max_failures`` only once it is not (``max_retry`` spent)."""
+        if study.get_trials(deepcopy=False)[trial.number].state == TrialState.FAIL:
+            log.warning("trial %d: %s; another worker had already failed it (stale) and re-queued it", trial.number, e)
+            return
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         if isinstance(e, JobLost) and self._retry(study, trial.number, f"{e}: optuna FAIL"):
             return
