@@ -99,6 +99,7 @@ def test_a_slot_freed_early_is_refilled_at_once_by_submitit_only(tiny_data, tmp_
         assert spans[2][0] >= spans[0][1]
 
 
+@pytest.mark.slow
 def test_sqlite_takes_the_basic_launchers_batches_and_a_path_is_not_a_url(tiny_data, tmp_path, monkeypatch):
     """The basic launcher runs a batch one job after another: SQLite is fine with n_jobs=2 there.
     A journal whose (relative) path starts with "sqlite" is a journal."""
@@ -136,6 +137,7 @@ def test_a_storage_that_cannot_take_parallel_trials_is_refused(tiny_data, tmp_pa
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow  # needs the SLURM cluster (~20 s to start)
 def test_a_job_slurm_refuses_is_one_line_naming_the_launcher(tiny_data, tmp_path, slurm):
     """sbatch refuses the first trial's job (a partition the cluster does not have): one line, exit 2."""
     args = sweep_args(

@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from tests.slurm_cluster import SlurmCluster, SlurmError
 
+# Starting the cluster and its jobs takes ~30 s: slow, as every test that needs it (CI runs them).
+pytestmark = pytest.mark.slow
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
 
 
