@@ -130,15 +130,17 @@ class Submitted:
         """Done, or PREEMPTED for ``PREEMPTED_S`` and still so on a fresh read: not requeued."""
         if job.done():
             return True
-        if not _preempted(job.state):
+        if _job_state(job) != "PREEMPTED":
             self.preempted.pop(job.job_id, None)
             return False
         first = self.preempted.setdefault(job.job_id, time.monotonic())
-        return time.monotonic() - first > PREEMPTED_S and _preempted(job.watcher.get_state(job.job_id, "force"))
+        return time.monotonic() - first > PREEMPTED_S and _job_state(job, fresh=True) == "PREEMPTED"
 
 
-def _preempted(state: Any) -> bool:
-    return str(state).upper().startswith("PREEMPTED")
+def _job_state(job: Any, fresh: bool = False) -> str:
+    """A job's state as one word: "CANCELLED" for squeue's or sacct's "CANCELLED by 0"."""
+    state = job.watcher.get_state(job.job_id, "force") if fresh else job.state
+    return str(state).split()[0].upper() if str(state).strip() else "UNKNOWN"
 
 
 Jobs = Batch | Submitted
@@ -173,14 +175,14 @@ def _state() -> dict[str, Any]:
 
 def outcome(job: Any) -> JobReturn | BaseException:
     """A finished job's return; ``JobLost`` when its cluster ended it; the error otherwise."""
-    state = str(job.state).split()[0].upper()  # e.g. "CANCELLED by 0"
+    state = _job_state(job)
     if state in LOST_STATES and not job.paths.result_pickle.exists():
         # None will come: submitit's results() would wait 15 s for it, the sweep (every slot) too.
         return _lost(job, state)
     try:
         return job.results()[0]
     except Exception as e:
-        state = str(job.state).split()[0].upper()
+        state = _job_state(job)
         if state in LOST_STATES:
             return _lost(job, state)
         return RuntimeError(f"its job {job.job_id} ended {state}: {_error_line(str(e))} (log: {job.paths.stderr})")
