@@ -5,6 +5,7 @@ children hold as with the basic launcher; storages that cannot take parallel job
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,8 @@ def test_sqlite_takes_the_basic_launchers_batches_and_a_path_is_not_a_url(tiny_d
     ids=["sqlite", "sqlite-on-slurm", "tmpfs-journal-on-slurm"],
 )
 def test_a_storage_that_cannot_take_parallel_trials_is_refused(tiny_data, tmp_path, launcher, storage, error):
+    if "hydra/launcher=slurm" in launcher and shutil.which("srun") is None:
+        pytest.skip("no srun on PATH: submitit's SLURM executor cannot be built (make test installs slurm-wlm as root)")
     spec = storage.format(tmp=tmp_path, name=tmp_path.name)
     args = sweep_args(
         tiny_data, tmp_path, "hydra.sweeper.n_jobs=2", *launcher, "model.width=choice(4,8)",
@@ -135,6 +138,17 @@ def test_a_storage_that_cannot_take_parallel_trials_is_refused(tiny_data, tmp_pa
     assert error in out and "Traceback" not in out
     assert not (tmp_path / "optuna.db").exists() and not Path(spec).parent.exists()  # refused before it was opened
     assert not (tmp_path / "sweep").exists()
+
+
+def test_the_slurm_launcher_without_slurm_commands_is_one_line(tiny_data, tmp_path):
+    """Where no ``srun`` is on PATH (not a SLURM machine), submitit cannot build its executor: one
+    line and exit 2, not a traceback."""
+    args = sweep_args(tiny_data, tmp_path, "hydra/launcher=slurm", "model.width=choice(4,8)")
+    env = cli_env() | {"PATH": str(tmp_path)}  # the venv's python is called by its full path
+    proc = train_cli(args, cwd=tmp_path, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "hydra/launcher=slurm" in out and "srun" in out and "Traceback" not in out
 
 
 @pytest.mark.slow  # needs the SLURM cluster (~20 s to start)

@@ -218,7 +218,10 @@ def executor_of(launcher: Any) -> Any:
     init = {"folder": params["submitit_folder"]}
     if "max_num_timeout" in params:
         init[f"{kind}_max_num_timeout"] = params["max_num_timeout"]
-    executor = submitit.AutoExecutor(cluster=kind, **init)
+    try:
+        executor = submitit.AutoExecutor(cluster=kind, **init)
+    except RuntimeError as e:  # "Could not detect "srun", are you indeed on a slurm cluster?"
+        raise UserError(f"hydra/launcher={kind}: {one_line(e)} (no SLURM commands on this machine's PATH)") from None
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     rest = {k if k in base else f"{kind}_{k}": v for k, v in params.items() if k not in init_keys}
     executor.update_parameters(**rest)
