@@ -71,9 +71,11 @@ class Checkpoint:
     scaler: dict[str, Any] | None = None  # fp16's gradient scaler: a resumed run keeps its loss scale
     rng: dict[str, Any] = field(default_factory=dict)  # torch, shuffle (the data order) and cuda generator states
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
-    best: dict[str, Any] = field(default_factory=dict)  # epoch, value (of trainer.objective), model (its weights)
+    # epoch, value (of trainer.objective), model (its weights: the EMA's with trainer.ema_decay)
+    best: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config it was trained with
     mlflow_run_id: str | None = None
+    ema: dict[str, Any] | None = None  # trainer.ema_decay's moving average: model (its weights), updates
 
     REQUIRED = ("model", "epoch", "class_names")
 
@@ -128,7 +130,9 @@ class Checkpoint:
     def best_weights(self) -> dict[str, torch.Tensor]:
         """The best epoch's weights: what a run keeps and reports (the last epoch's when unknown)."""
         best = self.best.get("model")
-        return best if best is not None else self.model
+        if best is not None:
+            return best
+        return self.ema["model"] if self.ema is not None else self.model  # what the run kept: its EMA, if any
 
 
 @dataclass

@@ -58,7 +58,7 @@ class Objective(str, Enum):
     val_loss = "val_loss"
 
 
-VAL_METRICS = ("val_loss", "val_acc", "val_top3")
+VAL_METRICS = ("val_loss", "val_acc", "val_top3", "val_ece")
 # What a sweep may optimize (hydra.sweeper.objective): best-epoch values, last-epoch values, the model's size.
 SWEEP_OBJECTIVES = (*VAL_METRICS, *(f"final_{k}" for k in VAL_METRICS), "best_epoch", "num_parameters")
 
@@ -81,6 +81,17 @@ class AugmentConfig:
 
 
 @dataclass
+class MixConfig:
+    # Off by default (alpha 0). Per batch on the training device: mixup blends each drawing with
+    # another of the batch, cutmix pastes a box of another into it; the loss is blended by the
+    # same share. A share lam ~ Beta(alpha, alpha) per batch.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0  # share of batches that are mixed
+    switch_prob: float = 0.5  # with both on: share of mixed batches that use cutmix instead of mixup
+
+
+@dataclass
 class DataConfig:
     source: DataSource = DataSource.synthetic
     # Folder of <class>.npy (or full_numpy_bitmap_<class>.npy) files, uint8 (N, 784). For
@@ -99,6 +110,7 @@ class DataConfig:
     split_seed: int = 0  # the validation split; independent of the training seed
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
 
 
 @dataclass
@@ -147,6 +159,16 @@ class CosineConfig:
 
 
 @dataclass
+class OneCycleConfig:
+    # Linear warm-up to optimizer.lr over warmup_epochs, then a cosine down to eta_min at the last
+    # epoch; stepped once per epoch, like every schedule here.
+    _target_: str = "sketchsweep.schedules.WarmupCosineLR"
+    epochs: int = II("trainer.epochs")
+    warmup_epochs: int = 2
+    eta_min: float = 0.0
+
+
+@dataclass
 class ConstantConfig:
     # "none": a scheduler that never changes the lr, so checkpoints always have one to save.
     _target_: str = "torch.optim.lr_scheduler.ConstantLR"
@@ -164,6 +186,14 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     # What the run returns (and sweeps optimize): this metric at the run's best epoch.
     objective: Objective = Objective.val_acc
+    # Cross-entropy against (1 - s) * one-hot + s / classes. 0: off (validation loss stays plain).
+    label_smoothing: float = 0.0
+    # > 0: an exponential moving average of the weights (e.g. 0.998 per step) is evaluated every
+    # epoch and is what the run keeps: best-epoch selection, checkpoints' best weights, export.
+    ema_decay: float = 0.0
+    # Fit a temperature to the kept weights' logits on the validation split when training ends:
+    # the test metrics (test_ece_uncalibrated: before) and the ONNX export use it (README: Export).
+    calibrate: bool = False
     resume: str | None = None  # path of a checkpoint.pt to continue from
 
 
@@ -198,7 +228,7 @@ class SweepConfig:
     study_name: str | None = None
     storage: str | None = None
     trial_number: int | None = None
-    # What the job returns, in order: val_acc/val_top3/val_loss (at the best epoch),
+    # What the job returns, in order: val_acc/val_top3/val_loss/val_ece (at the best epoch),
     # final_val_acc/..., num_parameters. The first is reported every epoch for pruning.
     objectives: list[str] | None = None
     parent_run_id: str | None = None  # the sweep's MLflow parent run
@@ -231,6 +261,7 @@ def register_configs() -> None:
         ("scheduler", "steplr_schema", StepLRConfig),
         ("scheduler", "cosine_schema", CosineConfig),
         ("scheduler", "none_schema", ConstantConfig),
+        ("scheduler", "onecycle_schema", OneCycleConfig),
     ]:
         cs.store(group=f"schema/{group}", name=name, node=node)
     if not OmegaConf.has_resolver("project_root"):
@@ -251,9 +282,27 @@ def check_values(cfg: DictConfig) -> None:
             f"model: expected width >= 1, hidden >= 1 and 0 <= dropout < 1; got width={m.width}, "
             f"hidden={m.hidden}, dropout={m.dropout}"
         )
+    _check_recipe_knobs(cfg)
     unknown = [o for o in cfg.sweep.objectives or [] if o not in SWEEP_OBJECTIVES]
     if unknown:
         raise ConfigError(f"sweep objective(s) {unknown} unknown; expected some of {list(SWEEP_OBJECTIVES)}")
+
+
+def _check_recipe_knobs(cfg: DictConfig) -> None:
+    t, mix = cfg.trainer, cfg.data.mix
+    if not 0 <= t.label_smoothing < 1 or not 0 <= t.ema_decay < 1:
+        raise ConfigError(
+            f"trainer: expected 0 <= label_smoothing < 1 and 0 <= ema_decay < 1; "
+            f"got label_smoothing={t.label_smoothing}, ema_decay={t.ema_decay}"
+        )
+    if min(mix.mixup_alpha, mix.cutmix_alpha) < 0 or not (0 <= mix.prob <= 1 and 0 <= mix.switch_prob <= 1):
+        raise ConfigError(
+            f"data.mix: expected alphas >= 0 and 0 <= prob, switch_prob <= 1; got mixup_alpha={mix.mixup_alpha}, "
+            f"cutmix_alpha={mix.cutmix_alpha}, prob={mix.prob}, switch_prob={mix.switch_prob}"
+        )
+    warmup, total = cfg.scheduler.get("warmup_epochs"), cfg.scheduler.get("epochs")
+    if warmup is not None and not 0 <= warmup < total:
+        raise ConfigError(f"scheduler.warmup_epochs={warmup}: expected 0 <= warmup_epochs < scheduler.epochs={total}")
 
 
 def check_sweep_keys(cfg: DictConfig, in_sweep: bool) -> None:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sketchsweep import engine, registry, tracking
+from sketchsweep.calibration import at_bound, fit_temperature
 from sketchsweep.checkpoint import TrainedModel, load_trained
 from sketchsweep.cli import one_line
 from sketchsweep.config import ConfigError, saved_data_config
@@ -50,6 +51,20 @@ class Shipment:
     example: np.ndarray  # real drawings, uint8 (N, 784): signatures and the ONNX parity check
     device: torch.device
     precision: engine.MixedPrecision
+    temperature: float = 1.0  # trainer.calibrate's, folded into the ONNX export (1: not calibrated)
+
+
+def fit_run_temperature(model: nn.Module, rows: Rows | None, batch_size: int, precision) -> float:
+    """``trainer.calibrate``: the temperature of ``model``'s logits on the validation ``rows``; 1
+    (with a warning) where none fits: no rows, or every drawing right by wide margins."""
+    if rows is None or not len(rows):
+        log.warning("trainer.calibrate: no validation split to fit a temperature on: not calibrated")
+        return 1.0
+    temperature = fit_temperature(*engine.all_logits(model, rows, batch_size, precision))
+    if at_bound(temperature):
+        log.warning("trainer.calibrate: no temperature fits the validation split (T=%.3g): not calibrated", temperature)
+        return 1.0
+    return temperature
 
 
 def log_deliverables(
@@ -82,7 +97,7 @@ def log_deliverables(
 
         trained = TrainedModel(model, s.class_names, s.resolved, run.id, str(s.run_dir))  # type: ignore[arg-type]
         with interruptible():
-            report = export_onnx(trained, s.run_dir / ONNX, real_images=s.example)
+            report = export_onnx(trained, s.run_dir / ONNX, real_images=s.example, temperature=s.temperature)
         log.info(
             "model.onnx: ONNX Runtime matches PyTorch on %d inputs (max |logit diff| %.1e)",
             *(report.num_checked, report.max_abs_diff),
@@ -109,7 +124,11 @@ def from_folder(run_dir: Path, run_id: str | None = None, uri: str | None = None
         rows, example = _validation(run_dir, trained, data, device)
         precision = engine.resolve_precision(str(trained.config["trainer"]["precision"]), device)
         model = trained.model.to(device)
-        yield Shipment(model, trained.class_names, trained.config, run_dir, rows, example, device, precision)
+        t = trained.config["trainer"]
+        temperature = fit_run_temperature(model, rows, t["eval_batch_size"], precision) if t.get("calibrate") else 1.0
+        yield Shipment(
+            model, trained.class_names, trained.config, run_dir, rows, example, device, precision, temperature
+        )
 
 
 def _validation(run_dir: Path, trained: TrainedModel, data, device: torch.device) -> tuple[Rows | None, np.ndarray]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sketchsweep.calibration import reliability
 from sketchsweep.cli import UserError
 from sketchsweep.data.views import Batch, Rows, Split, StreamingSplit
 
@@ -125,6 +126,60 @@ def random_affine(
     return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
 
 
+def mix_batch(
+    x: torch.Tensor, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, switch_prob: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup or cutmix of a normalized batch ``(B, 1, H, W)`` with a permutation of itself.
+
+    One share ``lam ~ Beta(alpha, alpha)`` for the batch (drawn from torch's CPU generator, like the
+    box, so no device sync; the permutation from the device's); mixup blends
+    ``lam * x + (1 - lam) * x[perm]``, cutmix pastes a box covering ``1 - lam`` of each image from
+    ``x[perm]`` (``lam`` then is the exact share left). With both
+    alphas > 0, cutmix is used with probability ``switch_prob``. Returns the mixed batch, ``perm``
+    (the second label of each image is ``y[perm]``) and ``lam`` (the first label's weight).
+    """
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or float(torch.rand(())) < switch_prob)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], device=x.device)
+    if not use_cutmix:
+        return x.lerp(x[perm], 1.0 - lam), perm, lam
+    h, w = x.shape[-2:]
+    cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    cy, cx = (int(torch.randint(n, ())) for n in (h, w))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, w)
+    mixed = x.clone()
+    mixed[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1][perm]  # only the box is gathered
+    return mixed, perm, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+@dataclass
+class Step:
+    """What a training step does besides forward, backward and the update (all off by default)."""
+
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # per-image, on the normalized batch
+    mix: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, float]] | None = None  # mix_batch, bound
+    mix_prob: float = 1.0  # share of batches mixed
+    label_smoothing: float = 0.0
+    after_update: Callable[[], None] | None = None  # e.g. EMA.update
+
+    def inputs(self, images: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """The batch the model sees, with the permutation and share of a mixed batch (None, 1.0: unmixed)."""
+        x = to_input(images, channels_last)
+        if self.augment is not None:
+            x = self.augment(x)
+        if self.mix is not None and (self.mix_prob >= 1 or float(torch.rand(())) < self.mix_prob):
+            return self.mix(x)
+        return x, None, 1.0
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor | None, lam: float) -> torch.Tensor:
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if perm is None:
+            return loss
+        return lam * loss + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=self.label_smoothing)
+
+
 def train_one_epoch(
     model: nn.Module,
     data: View,
@@ -132,11 +187,13 @@ def train_one_epoch(
     batch_size: int,
     generator: torch.Generator,
     on_step: Callable[[], None] | None = None,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    step: Step | None = None,
     precision: MixedPrecision | None = None,
 ) -> dict[str, float]:
-    """One pass over ``data`` in the order drawn from ``generator``. Returns loss, accuracy, timing."""
+    """One pass over ``data`` in the order drawn from ``generator``. Returns loss, accuracy, timing.
+    The loss is the training loss (smoothed, mixed); accuracy counts each image's own label."""
     precision = precision or MixedPrecision()
+    step = step or Step()
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=data.device)
@@ -145,12 +202,10 @@ def train_one_epoch(
     for images, y in data.batches(batch_size, generator):
         if len(y) < 2:  # BatchNorm cannot train on a batch of one image
             break
-        x = to_input(images, precision.channels_last)
-        if augment is not None:
-            x = augment(x)
+        x, perm, lam = step.inputs(images, precision.channels_last)
         with precision.autocast(data.device):
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = step.loss(logits, y, perm, lam)
         optimizer.zero_grad(set_to_none=True)
         if precision.scaler is not None:
             precision.scaler.scale(loss).backward()
@@ -159,6 +214,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if step.after_update is not None:
+            step.after_update()
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
@@ -188,21 +245,49 @@ def infer(model: nn.Module, batches: Iterable[Batch], precision: MixedPrecision 
 
 
 @torch.inference_mode()
+def all_logits(
+    model: nn.Module, data: View, batch_size: int = 1024, precision: MixedPrecision | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of every row of ``data``, in its order, on its device."""
+    logits, labels = zip(*infer(model, data.batches(batch_size), precision), strict=True)
+    return torch.cat(logits), torch.cat(labels)
+
+
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     data: View,
     batch_size: int = 1024,
     prefix: str = "val",
     precision: MixedPrecision | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-3 accuracy of ``model`` on ``data``, as ``<prefix>_loss`` etc."""
+    """Loss, top-1 and top-3 accuracy and the expected calibration error (15 bins) of ``model`` on
+    ``data``, as ``<prefix>_loss``, ``<prefix>_acc``, ``<prefix>_top3``, ``<prefix>_ece``; the
+    loss and ECE of the logits divided by ``temperature`` (a calibrated model's; then also
+    ``<prefix>_ece_uncalibrated``, of the logits as they are)."""
     loss_sum = torch.zeros((), device=data.device)
     top1 = torch.zeros((), device=data.device, dtype=torch.long)
     top3 = torch.zeros((), device=data.device, dtype=torch.long)
+    confidence, raw, correct = [], [], []  # per image, for the ECE: read once at the end
     for logits, y in infer(model, data.batches(batch_size), precision):
+        if temperature != 1.0:
+            raw.append(logits.softmax(dim=1).amax(dim=1))
+            logits = logits / temperature
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         best = logits.topk(min(3, logits.shape[1]), dim=1).indices
         top1 += (best[:, 0] == y).sum()
         top3 += (best == y[:, None]).any(dim=1).sum()
+        confidence.append(logits.softmax(dim=1).amax(dim=1))
+        correct.append(best[:, 0] == y)
     n = len(data)
-    return {f"{prefix}_loss": loss_sum.item() / n, f"{prefix}_acc": top1.item() / n, f"{prefix}_top3": top3.item() / n}
+    hits = torch.cat(correct).cpu().numpy()
+    out = {
+        f"{prefix}_loss": loss_sum.item() / n,
+        f"{prefix}_acc": top1.item() / n,
+        f"{prefix}_top3": top3.item() / n,
+        f"{prefix}_ece": reliability(torch.cat(confidence).cpu().numpy(), hits).ece,
+    }
+    if raw:
+        out[f"{prefix}_ece_uncalibrated"] = reliability(torch.cat(raw).cpu().numpy(), hits).ece
+    return out

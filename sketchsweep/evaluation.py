@@ -1,5 +1,6 @@
-"""Evaluate a trained SketchCNN: top-1/3/5 accuracy, per-class accuracy, the most confused pairs,
-a confusion-matrix plot and a grid of misclassified drawings.
+"""Evaluate a trained SketchCNN: top-1/3/5 accuracy, calibration (ECE), per-class accuracy, the
+most confused pairs, and plots (``sketchsweep.plots``): the confusion matrix, misclassified
+drawings and a reliability diagram; optionally the same scores with test-time augmentation.
 
 ``evaluation_artifacts`` is what training calls at the end of a run and what
 ``python -m sketchsweep.evaluate`` calls on any model and data.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,19 +18,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from sketchsweep.calibration import ECE_BINS, reliability
 from sketchsweep.cli import UserError
 from sketchsweep.data.views import Rows
 from sketchsweep.engine import MixedPrecision, infer, resolve_precision
+from sketchsweep.plots import plot_confusion, plot_misclassified, plot_reliability
+from sketchsweep.tta import infer_tta
 
 PER_CLASS = "per_class_accuracy.csv"
 CONFUSED_PAIRS = "confused_pairs.csv"
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
+RELIABILITY_PNG = "reliability.png"
 METRICS_JSON = "metrics.json"
-FILES = (PER_CLASS, CONFUSED_PAIRS, CONFUSION_CSV, CONFUSION_PNG, MISCLASSIFIED_PNG, METRICS_JSON)
+FILES = (PER_CLASS, CONFUSED_PAIRS, CONFUSION_CSV, CONFUSION_PNG, MISCLASSIFIED_PNG, RELIABILITY_PNG, METRICS_JSON)
 TOPK = (1, 3, 5)
-FULL_MATRIX_MAX = 30  # up to this many classes the whole labelled matrix is drawn
 N_PAIRS = 20
 N_MISCLASSIFIED = 64
 
@@ -68,16 +73,25 @@ def predict(
     batch_size: int = 1024,
     precision: MixedPrecision | str | None = None,
     k: int = max(TOPK),
+    shifts: Sequence[tuple[int, int]] | None = None,
 ) -> Predictions:
-    """Top-``k`` classes and top-1 confidence for every image, in batches on ``rows.device``.
+    """Top-``k`` classes and top-1 confidence for every image, in batches on ``rows.device``; with
+    ``shifts``, of the logits averaged over those views (``sketchsweep.tta``; batches are made that
+    many times smaller, so the model still sees about ``batch_size`` images at once).
 
     Results stay on the device until the end: one transfer, not a sync per batch."""
     if len(rows) == 0:
         raise EvalError("no images to evaluate")
     was_training = model.training
     tops, confs = [], []
+    precision = _precision(precision, rows.device)
+    if shifts:
+        batches = _checked(rows.batches(max(1, batch_size // len(shifts))))
+        inferred = infer_tta(model, batches, precision, shifts)
+    else:
+        inferred = infer(model, _checked(rows.batches(batch_size)), precision)
     try:
-        for logits, _ in infer(model, _checked(rows.batches(batch_size)), _precision(precision, rows.device)):
+        for logits, _ in inferred:
             p, idx = logits.softmax(dim=1).topk(min(k, logits.shape[1]), dim=1)
             tops.append(idx)
             confs.append(p[:, 0])
@@ -112,6 +126,7 @@ def evaluation_artifacts(
     batch_size: int = 1024,
     device: torch.device | str | None = None,
     precision: MixedPrecision | str | None = None,
+    tta: Sequence[tuple[int, int]] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on uint8 ``images`` ``(N, 784)`` with ``labels`` (indices into
     ``class_names``; None when ``images`` is ``Rows`` with labels) and write the evaluation files
@@ -122,39 +137,34 @@ def evaluation_artifacts(
     - ``confusion_matrix.csv``: raw counts, rows true and columns predicted, labelled
     - ``confusion_matrix.png``: the whole matrix up to 30 classes, else the least accurate classes and their confusions
     - ``misclassified.png``: up to 64 misclassified drawings with their true and predicted class
+    - ``reliability.png``: accuracy per confidence bin against the diagonal, with the bins' counts
     - ``metrics.json``: the returned metrics
 
-    Returns ``{eval_top1, eval_top3, eval_top5, eval_images}``. ``device``: where the model runs
-    (None: the model's device), batches are moved there; ``precision``: fp32 when None, else
-    ``auto``/``bf16``/... or an engine ``MixedPrecision``. The model's train/eval mode is restored.
+    Returns ``{eval_top1, eval_top3, eval_top5, eval_ece, eval_images}`` (ECE over 15 bins); with
+    ``tta`` (shifts, e.g. ``sketchsweep.tta.SHIFTS``) also ``eval_tta_top1/3/5`` and ``eval_tta_ece``
+    of the logits averaged over those views (the files stay the plain model's). ``device``: where
+    the model runs (None: the model's device), batches are moved there; ``precision``: fp32 when
+    None, else ``auto``/``bf16``/... or an engine ``MixedPrecision``. The model's train/eval mode
+    is restored.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
-    try:
-        rows = as_rows(images, labels, device)
-    except ValueError as e:  # images and labels of different lengths
-        raise EvalError(str(e)) from None
-    if rows.labels is None:
-        raise EvalError("labels: expected one class index per image")
+    rows = _labelled_rows(images, labels, len(class_names), device)
     y, c = rows.labels.numpy(), len(class_names)
-    if len(y) and (y.min() < 0 or y.max() >= c):
-        raise EvalError(f"labels must be class indices in [0, {c}); got values in [{y.min()}, {y.max()}]")
     pred = predict(model, rows, batch_size, precision)
     if pred.topk.shape[1] != min(max(TOPK), c):
         raise EvalError(f"the model has {pred.topk.shape[1]} outputs but {c} class names were given")
-    hits = pred.topk == y[:, None]
-    metrics = {f"eval_top{k}": float(hits[:, :k].any(axis=1).mean()) for k in TOPK}
+    metrics = scores(pred, y, "eval_")
     metrics["eval_images"] = float(len(y))
+    if tta:
+        metrics |= scores(predict(model, rows, batch_size, precision, shifts=tta), y, "eval_tta_")
 
     confusion = confusion_matrix(y, pred.topk[:, 0], c)
-    top3_hits = np.bincount(y, weights=hits[:, :3].any(axis=1), minlength=c)
+    top3_hits = np.bincount(y, weights=(pred.topk[:, :3] == y[:, None]).any(axis=1), minlength=c)
     write_per_class(confusion, top3_hits, class_names, out / PER_CLASS)
     write_confused_pairs(confusion, class_names, out / CONFUSED_PAIRS)
-    with open(out / CONFUSION_CSV, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["true \\ predicted", *class_names])
-        w.writerows([name, *row] for name, row in zip(class_names, confusion.tolist(), strict=True))
+    write_confusion(confusion, class_names, out / CONFUSION_CSV)
     plot_confusion(confusion, class_names, out / CONFUSION_PNG)
     wrong = pick_misclassified(y, pred.topk[:, 0], pred.confidence, N_MISCLASSIFIED)
     plot_misclassified(
@@ -165,8 +175,39 @@ def evaluation_artifacts(
         out / MISCLASSIFIED_PNG,
         total_wrong=int((pred.topk[:, 0] != y).sum()),
     )
+    plot_reliability(reliability(pred.confidence, pred.topk[:, 0] == y, ECE_BINS), out / RELIABILITY_PNG)
     (out / METRICS_JSON).write_text(json.dumps({**metrics, "classes": c}, indent=1) + "\n")
     return metrics
+
+
+def _labelled_rows(images, labels, num_classes: int, device: torch.device) -> Rows:
+    """``images`` and ``labels`` as ``Rows`` on ``device``, the labels checked against the classes."""
+    try:
+        rows = as_rows(images, labels, device)
+    except ValueError as e:  # images and labels of different lengths
+        raise EvalError(str(e)) from None
+    if rows.labels is None:
+        raise EvalError("labels: expected one class index per image")
+    y = rows.labels.numpy()
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise EvalError(f"labels must be class indices in [0, {num_classes}); got values in [{y.min()}, {y.max()}]")
+    return rows
+
+
+def scores(pred: Predictions, labels: np.ndarray, prefix: str) -> dict[str, float]:
+    """``<prefix>top1``/``top3``/``top5`` accuracy and ``<prefix>ece`` (15 bins) of ``pred``."""
+    hits = pred.topk == labels[:, None]
+    metrics = {f"{prefix}top{k}": float(hits[:, :k].any(axis=1).mean()) for k in TOPK}
+    metrics[f"{prefix}ece"] = reliability(pred.confidence, hits[:, 0], ECE_BINS).ece
+    return metrics
+
+
+def write_confusion(confusion: np.ndarray, class_names: list[str], path: Path) -> None:
+    """Raw counts, rows true and columns predicted, labelled."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *class_names])
+        w.writerows([name, *row] for name, row in zip(class_names, confusion.tolist(), strict=True))
 
 
 def write_per_class(confusion: np.ndarray, top3_hits: np.ndarray, class_names: list[str], path: Path) -> None:
@@ -224,132 +265,3 @@ def pick_misclassified(labels: np.ndarray, predicted: np.ndarray, confidence: np
     rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     chosen = order[np.argsort(rank, kind="stable")[:limit]]
     return chosen[np.lexsort((-confidence[chosen], labels[chosen]))]
-
-
-# -- plots -----------------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float):
-    # A bare Figure renders with Agg without pyplot: no global backend switch, no GUI, no leaks.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _short(name: str, limit: int = 18) -> str:
-    return name if len(name) <= limit else name[: limit - 1] + "…"
-
-
-def confusion_view(confusion: np.ndarray, max_classes: int = FULL_MATRIX_MAX) -> tuple[np.ndarray, str]:
-    """Which classes the plot shows, in order, and a subtitle saying how they were chosen.
-
-    Up to ``max_classes`` classes: all of them, in class order. More: the least accurate classes
-    and the classes they are most often mistaken for, ordered by accuracy (worst first), so the
-    plot stays a readable ~30x30 whatever the number of classes."""
-    c = len(confusion)
-    if c <= max_classes:
-        return np.arange(c), f"all {c} classes"
-    n = confusion.sum(axis=1)
-    present = np.flatnonzero(n)
-    acc = np.diag(confusion)[present] / n[present]
-    n_worst = min(len(present), (2 * max_classes) // 3)
-    worst = present[np.argsort(acc, kind="stable")[:n_worst]]
-    off = confusion.copy()
-    np.fill_diagonal(off, 0)
-    chosen = list(worst)
-    for rank in range(2):  # each worst class's first, then second, most frequent confusion
-        for i in worst:
-            j = int(np.argsort(-off[i], kind="stable")[rank])
-            if off[i, j] and j not in chosen and len(chosen) < max_classes:
-                chosen.append(j)
-    chosen_arr = np.array(chosen)
-    n_c = np.maximum(n[chosen_arr], 1)
-    chosen_arr = chosen_arr[np.argsort(np.diag(confusion)[chosen_arr] / n_c, kind="stable")]
-    return chosen_arr, f"the {n_worst} least accurate of {c} classes and what they are mistaken for"
-
-
-def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) -> None:
-    """Row-normalized confusion matrix (share of each true class), with a square-root colour scale
-    so that confusions of a few percent are visible next to a bright diagonal."""
-    from matplotlib.colors import PowerNorm
-
-    sel, subtitle = confusion_view(confusion)
-    n = confusion.sum(axis=1)
-    sub = confusion[np.ix_(sel, sel)]
-    rates = sub / np.maximum(n[sel], 1)[:, None]
-    m = len(sel)
-    side = max(5.0, 0.28 * m + 2.5)
-    fig = _figure(side + 1.2, side)
-    ax = fig.add_subplot()
-    im = ax.imshow(rates, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
-    acc = np.diag(confusion)[sel] / np.maximum(n[sel], 1)
-    ax.set_xticks(range(m), [_short(class_names[i]) for i in sel], rotation=90, fontsize=8)
-    ax.set_yticks(range(m), [f"{_short(class_names[i])} ({a:.0%})" for i, a in zip(sel, acc, strict=True)], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true (accuracy)")
-    total = confusion.sum()
-    ax.set_title(
-        f"Confusion matrix: {subtitle}\ntop-1 accuracy {np.trace(confusion) / max(total, 1):.1%} on {total:,} images",
-        fontsize=10,
-    )
-    if m <= 20:  # counts stay legible up to ~20x20
-        for i, j in zip(*np.nonzero(sub), strict=True):
-            ax.text(
-                j,
-                i,
-                str(sub[i, j]),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if rates[i, j] > 0.5 else "black",
-            )
-    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
-    fig.savefig(path, dpi=100)
-
-
-def plot_misclassified(
-    images: np.ndarray,
-    true_names: list[str],
-    pred_names: list[str],
-    confidence: np.ndarray,
-    path: Path,
-    total_wrong: int | None = None,
-    cols: int = 8,
-) -> None:
-    """The drawings in one mosaic image (dark strokes on white), each labelled true / predicted.
-
-    One ``imshow`` and a text per tile: ~10x faster than 64 subplots."""
-    count = len(images)
-    if count == 0:
-        fig = _figure(6, 1.5)
-        fig.text(0.5, 0.5, "no misclassified drawings", ha="center", va="center", fontsize=14)
-        fig.savefig(path, dpi=100)
-        return
-    cols = min(cols, count)
-    rows = -(-count // cols)
-    cell_w, cell_h, gap = 32, 42, 2  # pixels of the mosaic; the label band sits under each drawing
-    mosaic = np.full((rows * cell_h, cols * cell_w), 255, np.uint8)
-    tiles = 255 - images.reshape(-1, 28, 28)
-    for k in range(count):
-        r, c = divmod(k, cols)
-        mosaic[r * cell_h + gap : r * cell_h + gap + 28, c * cell_w + gap : c * cell_w + gap + 28] = tiles[k]
-    fig = _figure(cols * 1.45, rows * 1.45 * cell_h / cell_w + 0.5)
-    ax = fig.add_subplot()
-    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_axis_off()
-    for k in range(count):
-        r, c = divmod(k, cols)
-        x, y = c * cell_w + gap + 14, r * cell_h + gap + 29
-        ax.text(x, y, _short(true_names[k], 16), ha="center", va="top", fontsize=7, color="black")
-        ax.text(
-            x,
-            y + 5.5,
-            f"→ {_short(pred_names[k], 13)} {confidence[k]:.0%}",
-            ha="center",
-            va="top",
-            fontsize=7,
-            color="red",
-        )
-    shown = f"{count} of {total_wrong}" if total_wrong is not None else str(count)
-    ax.set_title(f"Misclassified drawings ({shown}): true class, → predicted (confidence)", fontsize=10)
-    fig.savefig(path, dpi=100)

@@ -6,7 +6,8 @@ The exported model's contract (``onnx_model.INPUT_CONTRACT``, also stored in the
 input ``images`` uint8 ``(N, 28, 28)`` in the Quick, Draw! numpy_bitmap format (strokes 255 on
 background 0), any N; outputs ``logits`` and ``probabilities`` (softmax), float32 ``(N, classes)``.
 The cast to float and Normalize(0.5, 0.5) happen inside the graph, so a deployment cannot get
-the scaling wrong.
+the scaling wrong. A calibrated export (``temperature`` != 1, ``export --calibrate``) divides the
+logits by the temperature in the graph, so both outputs are calibrated; the metadata names it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -34,7 +36,7 @@ from sketchsweep.data.folder import as_uint8
 from sketchsweep.data.views import Rows
 from sketchsweep.engine import infer, to_input
 from sketchsweep.modelref import ONNX
-from sketchsweep.onnx_model import INPUT_CONTRACT, INPUT_NAME, OUTPUT_NAMES, open_session
+from sketchsweep.onnx_model import INPUT_CONTRACT, INPUT_NAME, OUTPUT_NAMES, TEMPERATURE, open_session
 
 ATOL = 1e-4  # max |logit difference| allowed between ONNX Runtime and PyTorch
 DEFAULT_NAME = ONNX
@@ -62,18 +64,24 @@ class ExportReport:
     seconds: float
     num_checked: int = 0  # inputs compared (random + real)
     num_real: int = 0  # of which real drawings
+    temperature: float = 1.0  # the logits are divided by it in the graph (1: not calibrated)
 
 
 class Deployable(nn.Module):
     """SketchCNN behind the deployment contract: uint8 (N, 28, 28) in, (logits, probabilities) out.
-    It reuses training's ``to_input``, so the graph normalizes exactly as training did."""
+    It reuses training's ``to_input``, so the graph normalizes exactly as training did. With a
+    ``temperature`` other than 1 both outputs are calibrated: the logits are divided by it before
+    the softmax (and returned divided, so softmax(logits) is still the probabilities)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(to_input(images))
+        if self.temperature != 1.0:  # decided when traced: an uncalibrated graph has no Div at all
+            logits = logits / self.temperature
         return logits, torch.softmax(logits, dim=1)
 
 
@@ -85,16 +93,24 @@ def sketchsweep_version() -> str:
 
 
 def export_onnx(
-    trained: TrainedModel, out: Path, opset: int | None = None, real_images: np.ndarray | None = None
+    trained: TrainedModel,
+    out: Path,
+    opset: int | None = None,
+    real_images: np.ndarray | None = None,
+    temperature: float = 1.0,
 ) -> ExportReport:
     """Export ``trained`` to ``out`` and check it with ONNX Runtime on random and ``real_images``
-    (uint8 ``(N, 784)``/``(N, 28, 28)``). ``out`` is only created once the check passes; any
-    failure raises ``ExportError`` (``ParityError`` for a parity failure)."""
+    (uint8 ``(N, 784)``/``(N, 28, 28)``); ``temperature``: divide the logits by it in the graph
+    (``calibration.fit_temperature``'s), checked against PyTorch's logits divided alike. ``out``
+    is only created once the check passes; any failure raises ``ExportError`` (``ParityError``
+    for a parity failure)."""
     start = time.perf_counter()
     out = Path(out)
     real = None if real_images is None else as_batch(real_images)
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportArgumentError(f"opset {opset}: expected {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ExportArgumentError(f"temperature {temperature}: expected a finite number > 0")
     tmp = _temp_beside(out)  # fail on an unwritable --out before the slow part
     try:
         # A copy in fp32 eval mode on the CPU: the caller's model (maybe on a GPU, in train mode,
@@ -102,8 +118,8 @@ def export_onnx(
         # (``_orig_mod``: the model inside a torch.compile wrapper.)
         model = copy.deepcopy(getattr(trained.model, "_orig_mod", trained.model)).eval()
         model = model.to("cpu", torch.float32).to(memory_format=torch.contiguous_format)
-        proto = _to_onnx(Deployable(model), opset)
-        _add_metadata(proto, trained)
+        proto = _to_onnx(Deployable(model, temperature), opset)
+        _add_metadata(proto, trained, temperature)
         try:
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:
@@ -113,12 +129,12 @@ def export_onnx(
             # The exporter falls back to its own opset when it cannot convert: say so instead.
             raise ExportArgumentError(f"opset {opset}: the exporter cannot target it (it produced opset {opset_used})")
         onnx.save_model(proto, tmp)
-        max_diff, agree, n = check_parity(model, tmp, real)
+        max_diff, agree, n = check_parity(model, tmp, real, temperature=temperature)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     n_real = 0 if real is None else len(real)
-    return ExportReport(out, max_diff, agree, opset_used, time.perf_counter() - start, n, n_real)
+    return ExportReport(out, max_diff, agree, opset_used, time.perf_counter() - start, n, n_real, temperature)
 
 
 def _temp_beside(out: Path) -> Path:
@@ -171,7 +187,7 @@ def _to_onnx(module: nn.Module, opset: int | None) -> onnx.ModelProto:
     return program.model_proto
 
 
-def _add_metadata(proto: onnx.ModelProto, trained: TrainedModel) -> None:
+def _add_metadata(proto: onnx.ModelProto, trained: TrainedModel, temperature: float = 1.0) -> None:
     props = {
         "class_names": json.dumps(trained.class_names),
         "input_contract": INPUT_CONTRACT,
@@ -181,8 +197,14 @@ def _add_metadata(proto: onnx.ModelProto, trained: TrainedModel) -> None:
         "torch_version": torch.__version__,
         "source": str(trained.source),
     }
+    calibrated = ""
+    if temperature != 1.0:  # only calibrated exports carry it: an export without it has T = 1
+        props[TEMPERATURE] = repr(float(temperature))
+        calibrated = f", logits divided by temperature {temperature:.4g}"
     onnx.helper.set_model_props(proto, props)
-    proto.doc_string = f"SketchCNN (width {trained.width}, {len(trained.class_names)} classes) from sketchsweep"
+    proto.doc_string = (
+        f"SketchCNN (width {trained.width}, {len(trained.class_names)} classes{calibrated}) from sketchsweep"
+    )
 
 
 def as_batch(images: np.ndarray) -> np.ndarray:
@@ -210,11 +232,16 @@ def probe_images(real_images: np.ndarray | None = None, seed: int = 0) -> np.nda
 
 
 def check_parity(
-    model: nn.Module, onnx_path: str | Path, real_images: np.ndarray | None = None, atol: float = ATOL
+    model: nn.Module,
+    onnx_path: str | Path,
+    real_images: np.ndarray | None = None,
+    atol: float = ATOL,
+    temperature: float = 1.0,
 ) -> tuple[float, float, int]:
-    """Run ``onnx_path`` in ONNX Runtime and ``model`` (a SketchCNN, fed as training feeds it) in
-    PyTorch on ``probe_images`` as one batch and again at batch 1; return
-    ``(max |logit difference|, top-1 agreement, inputs checked)`` or raise ``ParityError``."""
+    """Run ``onnx_path`` in ONNX Runtime and ``model`` (a SketchCNN, fed as training feeds it, its
+    logits divided by ``temperature``) in PyTorch on ``probe_images`` as one batch and again at
+    batch 1; return ``(max |logit difference|, top-1 agreement, inputs checked)`` or raise
+    ``ParityError``."""
     x = probe_images(real_images)
     try:
         session = open_session(onnx_path)
@@ -224,7 +251,7 @@ def check_parity(
         raise ParityError(f"{onnx_path}: ONNX Runtime cannot run it: {cli.one_line(e)}") from None
     model = model.to("cpu", torch.float32)
     ((ref, _),) = infer(model, Rows(x.reshape(-1, 784)).batches(len(x)))
-    ref = ref.numpy()
+    ref = (ref / temperature if temperature != 1.0 else ref).numpy()
     if logits.shape != ref.shape or single.shape != ref[:1].shape:
         raise ParityError(f"{onnx_path}: ONNX Runtime gave logits {logits.shape}, PyTorch {ref.shape}")
     ref_probs = torch.softmax(torch.from_numpy(ref), dim=1).numpy()

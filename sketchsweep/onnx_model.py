@@ -12,6 +12,7 @@ from sketchsweep.cli import UserError
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
+TEMPERATURE = "temperature"  # metadata of a calibrated export: its logits are the model's divided by it
 INPUT_CONTRACT = (
     "input 'images': uint8 (N, 28, 28), N any, the Quick, Draw! numpy_bitmap format: strokes 255 on background 0, "
     "row-major (a (N, 784) row reshaped). Cast to float and Normalize(0.5, 0.5) (x/255*2-1) happen inside the graph. "
@@ -43,3 +44,13 @@ def class_names(session: ort.InferenceSession, path: str | Path) -> list[str]:
             "make one with python -m sketchsweep.export)"
         )
     return names
+
+
+def temperature(session: ort.InferenceSession) -> float:
+    """The temperature a calibrated export divides its logits by (``export --calibrate``); 1.0
+    for an export without one (its probabilities are the model's plain softmax)."""
+    value = session.get_modelmeta().custom_metadata_map.get(TEMPERATURE)
+    try:
+        return float(value) if value is not None else 1.0
+    except ValueError:
+        return 1.0

@@ -28,7 +28,7 @@ from sketchsweep import cli
 from sketchsweep.data import DataError
 from sketchsweep.data.folder import as_uint8
 from sketchsweep.modelref import FORMS, ModelRef
-from sketchsweep.onnx_model import INPUT_NAME, ModelFileError, class_names, open_session
+from sketchsweep.onnx_model import INPUT_NAME, ModelFileError, class_names, open_session, temperature
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SIDE = 28
@@ -247,10 +247,13 @@ def load_npy(path: str | Path) -> np.ndarray:
 class Predictor:
     """A trained model ready to classify uint8 drawings, on ONNX Runtime for an ``.onnx`` file
     (no torch import) and on PyTorch (CPU) for a run folder, checkpoint, ``runs:/`` or ``models:/``.
-    A bad reference raises ``ModelFileError`` (.onnx) or ``ModelRefError`` (both ValueErrors)."""
+    A bad reference raises ``ModelFileError`` (.onnx) or ``ModelRefError`` (both ValueErrors).
+    ``temperature``: what a calibrated export divides its logits by (its probabilities are then
+    calibrated ones); 1.0 for other exports and PyTorch models."""
 
     def __init__(self, model: str | Path) -> None:
         self.source = str(model)
+        self.temperature = 1.0
         ref = ModelRef.parse(model)
         if ref.kind == "onnx":
             self._open_onnx(ref.path)
@@ -275,6 +278,7 @@ class Predictor:
         self._input = inputs[0].name
         self.backend = "onnxruntime"
         self.class_names = names
+        self.temperature = temperature(self._session)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``(N, classes)`` for uint8 ``(N, 28, 28)``/``(N, 784)`` (or floats in [0, 1])."""

@@ -31,7 +31,9 @@ from sketchsweep.checkpoint import Checkpoint, CheckpointError
 from sketchsweep.config import ConfigError, flatten
 from sketchsweep.data import Dataset
 from sketchsweep.data.fingerprint import changes, saved_record
+from sketchsweep.ema import EMA
 from sketchsweep.modelref import CHECKPOINT, SPLIT, ModelRef, ModelRefError
+from sketchsweep.schedules import WarmupCosineLR
 
 log = logging.getLogger("sketchsweep")
 
@@ -163,6 +165,32 @@ def restore(ckpt: Checkpoint | None, now: dict[str, Any], model, optimizer, sche
     return ckpt.history, ckpt.best, scheduler
 
 
+def restore_ema(ckpt: Checkpoint | None, model, decay: float) -> EMA | None:
+    """The weights' moving average for ``trainer.ema_decay`` (None when 0), as the checkpoint left
+    it; a checkpoint written without one starts it from the weights it resumes with."""
+    if decay <= 0:
+        if ckpt is not None and ckpt.ema is not None:
+            log.warning(
+                "trainer.ema_decay=0: the checkpoint's moving average is dropped; epochs from here on are judged on "
+                "the trained weights, the best so far (epoch %s) on the average",
+                ckpt.best.get("epoch"),
+            )
+        return None
+    ema = EMA(model, decay)
+    if ckpt is not None and ckpt.ema is not None:
+        try:
+            ema.load_state_dict(ckpt.ema)
+        except (RuntimeError, KeyError) as e:
+            raise ConfigError(f"trainer.resume: the checkpoint's EMA does not fit this model: {e}") from None
+    elif ckpt is not None:
+        log.warning(
+            "trainer.ema_decay=%g: the moving average starts from the weights at epoch %d; the best so far (epoch %s) "
+            "was judged on the trained weights",
+            *(decay, ckpt.epoch, ckpt.best.get("epoch")),
+        )
+    return ema
+
+
 def _apply_optimizer(optimizer, scheduler, then: dict[str, Any], now: dict[str, Any]) -> None:
     for key, value in now.items():
         if key in ("_target_", "lr") or then.get(key) == value:
@@ -186,7 +214,8 @@ def _apply_schedule(optimizer, scheduler, ckpt: Checkpoint, now: dict[str, Any])
     cls = type(scheduler)
     args = {k: v for k, v in now_cfg.items() if k != "_target_"}
     epoch, total = ckpt.epoch, now["trainer"]["epochs"]
-    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+    past_warmup = isinstance(scheduler, WarmupCosineLR) and epoch >= args.get("warmup_epochs", 0)
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or past_warmup:
         # A cosine from the lr reached so far down to eta_min at the new end: the same shape,
         # never a jump back up (T_max counted from the start would raise the lr here).
         eta_min = args.get("eta_min", 0.0)
@@ -197,7 +226,12 @@ def _apply_schedule(optimizer, scheduler, ckpt: Checkpoint, now: dict[str, Any])
             if group["lr"] <= eta_min and last is not None and base:
                 group["lr"] = last * group["initial_lr"] / base
             group["initial_lr"] = group["lr"]
-        rebuilt = cls(optimizer, T_max=max(total - epoch, 1), eta_min=eta_min)
+        remaining = max(total - epoch, 1)
+        rebuilt = (
+            cls(optimizer, epochs=remaining, warmup_epochs=0, eta_min=eta_min)  # onecycle: its cosine part
+            if past_warmup
+            else cls(optimizer, T_max=remaining, eta_min=eta_min)
+        )
         log.info(
             "cosine schedule: lr %.3g after epoch %d, down to %g at epoch %d", _lr(optimizer), epoch, eta_min, total
         )

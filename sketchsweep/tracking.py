@@ -336,6 +336,14 @@ class Run:
 
         self._upload("the ONNX model", upload)
 
+    def say_where(self, run_dir: Path, experiment_name: str, say: Callable[..., None]) -> None:
+        """Where the run's files and MLflow run are, and its link (with how to start the UI for a local store)."""
+        say("run folder: %s", run_dir)
+        shown = credentials.hide_passwords(self.uri)
+        say("MLflow run %s in experiment '%s' at %s", self.id, experiment_name, shown)
+        ui = "" if is_server(self.uri) else f"  (start the UI first: make ui, or mlflow ui --backend-store-uri {shown})"
+        say("open it: %s%s", run_url(self.uri, self.experiment_id, self.id), ui)
+
 
 class ReopenedRun(Run):
     """A finished run, opened again to add what is made after it ended (a sweep's deliverables for

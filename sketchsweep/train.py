@@ -21,7 +21,6 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,21 +36,15 @@ from torch import nn
 
 from sketchsweep import cli, credentials, deliver, engine, resume, store, tracking
 from sketchsweep.checkpoint import Checkpoint, save_atomic
-from sketchsweep.config import (
-    VAL_METRICS,
-    Deliverables,
-    check_sweep_keys,
-    check_values,
-    flatten,
-    register_configs,
-)
+from sketchsweep.config import VAL_METRICS, Deliverables, check_sweep_keys, check_values, flatten, register_configs
 from sketchsweep.data import Dataset, stratified_split
 from sketchsweep.data.fingerprint import fingerprint
 from sketchsweep.data.load import Placement, load_data
+from sketchsweep.ema import EMA
 from sketchsweep.model import SketchCNN, count_parameters
 from sketchsweep.modelref import BEST_WEIGHTS, CHECKPOINT, CLASSES, CONFIG, FINAL_WEIGHTS, SPLIT
 from sketchsweep.sweep.console import console_for, trial_name
-from sketchsweep.sweep.link import TrialLink
+from sketchsweep.sweep.link import TrialLink, objective_values
 from sketchsweep.sweep.parent import PARENT_RUN_ENV
 
 log = logging.getLogger("sketchsweep")
@@ -77,7 +70,8 @@ class Recipe:
     scheduler: Any
     precision: engine.MixedPrecision
     shuffle: torch.Generator  # the data order; checkpointed with the run
-    augment: Callable[[torch.Tensor], torch.Tensor] | None
+    step: engine.Step  # augmentation, mixing, label smoothing and the EMA's update of a training step
+    ema: EMA | None  # the weights' moving average (trainer.ema_decay): what is evaluated and kept
     history: list[dict[str, float]]  # every epoch's metrics so far (a resumed run's from its checkpoint)
     best: dict[str, Any]  # the best epoch by trainer.objective: epoch, value, model (its weights)
     resumed: Checkpoint | None
@@ -97,7 +91,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
                 )
             pruned_at = fit(recipe, run, signals)
             summary = finish(recipe, run, pruned_at, signals)
-            values = objective_values(recipe, summary)
+            outcome = summary | {"num_parameters": recipe.num_parameters}
+            values = objective_values(cfg.sweep.objectives, recipe.best["value"], outcome)
             if recipe.link is not None and pruned_at is None:
                 recipe.link.complete(values)  # recorded with the run: a signal from here on loses neither
             signals.settle()  # everything is written: a signal now no longer cuts the run
@@ -144,6 +139,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     history, best, scheduler = resume.restore(
         resumed, resolved, model, optimizer, scheduler, precision.scaler, shuffle, device
     )
+    ema = resume.restore_ema(resumed, model, t.ema_decay)
     placement = Placement(data, device, cfg.data.stream_order.value)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = Recipe(
@@ -163,7 +159,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
         scheduler=scheduler,
         precision=precision,
         shuffle=shuffle,
-        augment=_setup_augment(cfg.data.augment),
+        step=_setup_step(cfg, ema),
+        ema=ema,
         history=history,
         best=best,
         resumed=resumed,
@@ -175,11 +172,20 @@ def setup(cfg: DictConfig, run_dir: Path) -> Recipe:
     return recipe
 
 
-def _setup_augment(aug) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    if not aug.enabled:
-        return None
-    return functools.partial(
+def _setup_step(cfg: DictConfig, ema: EMA | None) -> engine.Step:
+    aug, mix = cfg.data.augment, cfg.data.mix
+    augment = functools.partial(
         engine.random_affine, degrees=aug.degrees, scale=tuple(aug.scale), translate=aug.translate, hflip=aug.hflip
+    )
+    mixing = functools.partial(
+        engine.mix_batch, mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, switch_prob=mix.switch_prob
+    )
+    return engine.Step(
+        augment=augment if aug.enabled else None,
+        mix=mixing if mix.mixup_alpha > 0 or mix.cutmix_alpha > 0 else None,
+        mix_prob=mix.prob,
+        label_smoothing=cfg.trainer.label_smoothing,
+        after_update=ema.update if ema is not None else None,
     )
 
 
@@ -239,18 +245,19 @@ def fit(r: Recipe, run: tracking.Run, signals: cli.Signals) -> int | None:
             cli.progress_bar(len(r.train_split), t.batch_size, f"epoch {epoch}/{t.epochs}") as on_step,
         ):
             metrics = engine.train_one_epoch(
-                r.net, r.train_split, r.optimizer, t.batch_size, r.shuffle, on_step, r.augment, r.precision
+                r.net, r.train_split, r.optimizer, t.batch_size, r.shuffle, on_step, r.step, r.precision
             )
             if not math.isfinite(metrics["train_loss"]):
                 raise FloatingPointError(f"training loss is {metrics['train_loss']} at epoch {epoch} (lr {lr:g})")
             evaluated = time.perf_counter()
-            metrics |= engine.evaluate(r.net, r.val_split, t.eval_batch_size, precision=r.precision)
+            judged = r.ema.model if r.ema is not None else r.net
+            metrics |= engine.evaluate(judged, r.val_split, t.eval_batch_size, precision=r.precision)
             metrics["val_seconds"] = time.perf_counter() - evaluated  # with epoch_seconds: the epoch's compute
         metrics["lr"] = lr
         r.scheduler.step()
         r.history.append(metrics)
         if is_better(metrics[objective], r.best["value"], objective):
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in r.model.state_dict().items()}
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in kept_model(r).state_dict().items()}
             r.best = {"epoch": epoch, "value": metrics[objective], "model": weights}
         ckpt = Checkpoint.capture(
             *(r.model, r.optimizer, r.scheduler, r.precision.scaler, r.shuffle, r.device),
@@ -260,6 +267,7 @@ def fit(r: Recipe, run: tracking.Run, signals: cli.Signals) -> int | None:
             best=r.best,
             config=r.resolved,
             mlflow_run_id=run.id,
+            ema=r.ema.state_dict() if r.ema is not None else None,
         )
         ckpt.save(r.run_dir / CHECKPOINT)
         run.log_metrics(metrics, step=epoch)
@@ -274,6 +282,11 @@ def fit(r: Recipe, run: tracking.Run, signals: cli.Signals) -> int | None:
             run.set_tags({"pruned": "true", "pruned_at_epoch": str(epoch)})
             return epoch
     return None
+
+
+def kept_model(r: Recipe) -> nn.Module:
+    """Whose weights the run keeps: the EMA of the weights when there is one, else the model."""
+    return r.ema.model if r.ema is not None else r.model
 
 
 def is_better(value: float, best: float | None, objective: str) -> bool:
@@ -293,15 +306,23 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None, signals: cli.Sig
     t, history, best = r.cfg.trainer, r.history, r.best
     final, at_best = history[-1], history[best["epoch"] - 1]
     summary = {"best_epoch": best["epoch"]}
-    summary |= {f"best_{k}": at_best[k] for k in VAL_METRICS} | {f"final_{k}": final[k] for k in VAL_METRICS}
-    save_atomic(r.model.state_dict(), r.run_dir / FINAL_WEIGHTS)
+    # (an epoch from before val_ece was measured, resumed, has no val_ece)
+    summary |= {f"best_{k}": at_best[k] for k in VAL_METRICS if k in at_best}
+    summary |= {f"final_{k}": final[k] for k in VAL_METRICS if k in final}
+    save_atomic(kept_model(r).state_dict(), r.run_dir / FINAL_WEIGHTS)
     save_atomic(best["model"], r.run_dir / BEST_WEIGHTS)
     r.model.load_state_dict(best["model"])
-    if len(r.splits["test"]):
-        with signals.interruptible():
-            test = engine.evaluate(r.net, r.placement.split(r.splits["test"]), t.eval_batch_size, "test", r.precision)
-        summary |= test
-        log.info("test (best epoch's weights): %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    calibrate, temperature, test = t.calibrate and pruned_at is None, 1.0, {}
+    with signals.interruptible():
+        if calibrate:
+            temperature = test["temperature"] = deliver.fit_run_temperature(
+                r.net, r.val_split, t.eval_batch_size, r.precision
+            )
+        if len(r.splits["test"]):
+            held_out = r.placement.split(r.splits["test"])
+            test |= engine.evaluate(r.net, held_out, t.eval_batch_size, "test", r.precision, temperature)
+            log.info("test (best epoch's weights): %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    summary |= test
     lean = r.link is not None and r.cfg.sweep.deliverables != Deliverables.all
     if r.link is not None:
         summary["pruned"] = float(pruned_at is not None)  # a column to sort the trials by
@@ -319,46 +340,27 @@ def finish(r: Recipe, run: tracking.Run, pruned_at: int | None, signals: cli.Sig
         if pruned_at is not None:
             r.link.mark_pruned()
     if pruned_at is None and not lean:  # what a researcher looks at and ships: only for runs that finished
-        deliver.log_deliverables(shipment(r), run, r.cfg.mlflow, signals.interruptible)
+        deliver.log_deliverables(shipment(r, temperature), run, r.cfg.mlflow, signals.interruptible)
         if r.link is not None:  # sweep.deliverables=all: the study does not make them again
             run.set_tags({deliver.MADE: "made"})
     log.info(
         "val_acc %.4f (last epoch); best %.4f at epoch %d, which the objective %s=%.4f comes from",
         *(final["val_acc"], at_best["val_acc"], best["epoch"], t.objective.value, best["value"]),
     )
-    say = log.info if r.link is None else log.debug  # a sweep prints one line per trial itself
-    say("run folder: %s", r.run_dir)
-    shown = credentials.hide_passwords(run.uri)
-    say("MLflow run %s in experiment '%s' at %s", run.id, r.cfg.mlflow.experiment_name, shown)
-    url = tracking.run_url(run.uri, run.experiment_id, run.id)
-    ui = (
-        ""
-        if tracking.is_server(run.uri)
-        else f"  (start the UI first: make ui, or mlflow ui --backend-store-uri {shown})"
-    )
-    say("open it: %s%s", url, ui)
+    # A sweep prints one line per trial itself.
+    run.say_where(r.run_dir, r.cfg.mlflow.experiment_name, log.info if r.link is None else log.debug)
     run.log_files([r.run_dir / ".hydra", r.run_dir / "train.log"])  # last, so the log is complete
     return summary
 
 
-def shipment(r: Recipe) -> deliver.Shipment:
+def shipment(r: Recipe, temperature: float) -> deliver.Shipment:
     """What the run's deliverables are made from: its model (holding the best epoch's weights now)."""
     val_idx = r.splits["val"]
     rows = r.placement.rows(val_idx) if len(val_idx) else None
     example = np.ascontiguousarray(r.data.images[val_idx[:64]])  # real drawings, for signatures and parity
-    return deliver.Shipment(r.model, r.data.class_names, r.resolved, r.run_dir, rows, example, r.device, r.precision)
-
-
-def objective_values(r: Recipe, summary: dict[str, float]) -> float | tuple[float, ...]:
-    """What the job returns to a sweeper: ``trainer.objective`` at the best epoch, or in a sweep
-    the values of ``sweep.objectives`` in order (one float for one objective)."""
-    objectives = list(r.cfg.sweep.objectives or [])
-    if not objectives:
-        return float(r.best["value"])
-    at_best = r.history[r.best["epoch"] - 1]
-    outcome = {k: at_best[k] for k in VAL_METRICS} | summary | {"num_parameters": float(r.num_parameters)}
-    values = tuple(float(outcome[o]) for o in objectives)
-    return values[0] if len(values) == 1 else values
+    return deliver.Shipment(
+        r.model, r.data.class_names, r.resolved, r.run_dir, rows, example, r.device, r.precision, temperature
+    )
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def test_groups_have_the_designed_options():
     assert GROUPS["data"] == ["quickdraw", "synthetic"]
     assert GROUPS["model"] == ["sketchcnn"]
     assert GROUPS["optimizer"] == ["adam", "adamw", "sgd"]
-    assert GROUPS["scheduler"] == ["cosine", "none", "steplr"]
+    assert GROUPS["scheduler"] == ["cosine", "none", "onecycle", "steplr"]
     assert "quickstart" in GROUPS["experiment"]
 
 
@@ -37,6 +37,9 @@ def test_defaults_are_the_seed_recipe():
     assert (cfg.scheduler.step_size, cfg.scheduler.gamma) == (10, 0.5)
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.data.val_fraction) == (20, 256, 0.1)
     assert cfg.model.width == 64 and cfg.trainer.device.value == "auto"
+    # The model-quality knobs are off.
+    assert (cfg.trainer.label_smoothing, cfg.trainer.ema_decay) == (0.0, 0.0)
+    assert (cfg.data.mix.mixup_alpha, cfg.data.mix.cutmix_alpha, cfg.data.augment.enabled) == (0.0, 0.0, False)
     # What a run ships: evaluation and the ONNX model; the pt2 model (0.9 s, 1.5 MB a run) is opt-in.
     assert (cfg.mlflow.log_evaluation, cfg.mlflow.log_onnx, cfg.mlflow.log_model) == (True, True, False)
     assert (cfg.mlflow.register, cfg.sweep.deliverables.value) == (False, "best")

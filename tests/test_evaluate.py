@@ -22,10 +22,11 @@ from sketchsweep.evaluation import (
     FILES,
     MISCLASSIFIED_PNG,
     PER_CLASS,
-    confusion_view,
+    RELIABILITY_PNG,
     evaluation_artifacts,
     pick_misclassified,
 )
+from sketchsweep.plots import confusion_view
 from tests.conftest import cli_env, compose_config, tiny_overrides, train_cli
 
 
@@ -71,16 +72,18 @@ def test_cli_on_run_folder_scores_the_validation_split_and_logs(trained_run, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_images"] == len(val)
     assert 0 <= metrics["eval_top1"] <= metrics["eval_top3"] <= metrics["eval_top5"] <= 1
+    assert 0 <= metrics["eval_ece"] <= 1 and "eval_tta_top1" not in metrics  # TTA only with --tta
     rows = read_csv(out / PER_CLASS)
     assert [r["class"] for r in rows] == json.loads((run_dir / "classes.json").read_text())
     assert sum(int(r["n"]) for r in rows) == len(val)
     assert all(float(r["accuracy"]) <= float(r["top3_accuracy"]) for r in rows)
-    for png in ("confusion_matrix.png", MISCLASSIFIED_PNG):
+    for png in ("confusion_matrix.png", MISCLASSIFIED_PNG, RELIABILITY_PNG):
         assert matplotlib.image.imread(out / png).ndim == 3
     # The same weights on the same images: what training reported for its best epoch.
     run = MlflowClient(store).get_run(run_id)
     assert metrics["eval_top1"] == pytest.approx(run.data.metrics["best_val_acc"])
     assert run.data.metrics["eval_top1"] == pytest.approx(metrics["eval_top1"])
+    assert run.data.metrics["eval_ece"] == pytest.approx(metrics["eval_ece"])
     logged = {a.path for a in MlflowClient(store).list_artifacts(run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in logged and "evaluation/per_class_accuracy.csv" in logged
 
@@ -106,6 +109,56 @@ def test_cli_test_split_and_data_overrides(trained_run, tiny_data, tmp_path, cap
     # data.* alone changes the run's own data config; the default folder is named after the data.
     assert main([str(run_dir), "data.max_per_class=20"]) == 0
     assert confusion_total(run_dir / f"evaluation-{tiny_data.name}") == 80
+
+
+def test_cli_tta_reports_plain_and_tta_scores_and_logs_both(trained_run, tmp_path, capsys):
+    run_dir, store, run_id = trained_run
+    assert main([str(run_dir / "checkpoint.pt"), "--split", "test", "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    capsys.readouterr()
+    out = tmp_path / "tta"
+    assert main([str(run_dir / "checkpoint.pt"), "--split", "test", "--tta", "--log", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    tta_keys = {"eval_tta_top1", "eval_tta_top3", "eval_tta_top5", "eval_tta_ece"}
+    assert tta_keys <= set(metrics)
+    assert {k: metrics[k] for k in plain} == plain  # the plain scores stay the main ones, unchanged
+    assert 0 <= metrics["eval_tta_top1"] <= metrics["eval_tta_top3"] <= metrics["eval_tta_top5"] <= 1
+    assert metrics["eval_tta_ece"] != metrics["eval_ece"]  # averaged logits: other confidences
+    plain_line, tta_line = [line for line in printed.splitlines() if "ECE" in line]
+    assert f"top-1 {metrics['eval_top1']:.4f}" in plain_line and f"ECE {metrics['eval_ece']:.4f}" in plain_line
+    assert "test-time augmentation" in tta_line and f"top-1 {metrics['eval_tta_top1']:.4f}" in tta_line
+    assert f"ECE {metrics['eval_tta_ece']:.4f}" in tta_line
+    logged = MlflowClient(store).get_run(run_id).data.metrics
+    for key in ("top1", "ece", "tta_top1", "tta_top3", "tta_ece"):  # another split: eval_test_<name>
+        assert logged[f"eval_test_{key}"] == pytest.approx(metrics[f"eval_{key}"]), key
+
+
+class Fixed(torch.nn.Module):
+    """Every drawing gets the same probabilities."""
+
+    def __init__(self, probabilities: list[float]) -> None:
+        super().__init__()
+        self.logits = torch.tensor(probabilities).log()
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def test_evaluation_reports_the_ece_and_draws_the_reliability_diagram(tmp_path):
+    images = np.zeros((10, 784), np.uint8)
+    model = Fixed([0.7, 0.1, 0.1, 0.1])  # 70 % sure of class 0, every time
+    names = ["a", "b", "c", "d"]
+    right_7_of_10 = np.array([0] * 7 + [1] * 3)
+    metrics = evaluation_artifacts(model, images, right_7_of_10, names, tmp_path / "calibrated", device="cpu")
+    assert metrics["eval_top1"] == pytest.approx(0.7) and metrics["eval_ece"] == pytest.approx(0.0, abs=1e-6)
+    never_right = np.ones(10, np.int64)
+    metrics = evaluation_artifacts(model, images, never_right, names, tmp_path / "wrong", device="cpu", tta=[(0, 0)])
+    assert metrics["eval_ece"] == pytest.approx(0.7, abs=1e-6)
+    assert metrics["eval_tta_ece"] == metrics["eval_ece"] and metrics["eval_tta_top1"] == metrics["eval_top1"] == 0
+    assert json.loads((tmp_path / "wrong" / "metrics.json").read_text())["eval_ece"] == metrics["eval_ece"]
+    height, width, _ = matplotlib.image.imread(tmp_path / "wrong" / RELIABILITY_PNG).shape
+    assert height > 300 and width > 300
 
 
 def test_cli_errors_are_one_line_with_exit_2(trained_run, tiny_data, tmp_path, capsys):
@@ -177,6 +230,7 @@ def test_many_classes_plot_stays_small(tmp_path):
     assert len(read_csv(tmp_path / "confused_pairs.csv")) == 20
     height, width, _ = matplotlib.image.imread(tmp_path / "confusion_matrix.png").shape
     assert max(height, width) < 2000
+    assert 0 <= metrics["eval_ece"] <= 1 and matplotlib.image.imread(tmp_path / RELIABILITY_PNG).ndim == 3
     conf = np.random.default_rng(0).integers(0, 5, (345, 345))
     assert len(confusion_view(conf)[0]) <= 30
 

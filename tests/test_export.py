@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,14 +13,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 
+from sketchsweep.calibration import expected_calibration_error
 from sketchsweep.checkpoint import TrainedModel, load_trained
+from sketchsweep.config import saved_data_config
+from sketchsweep.data.load import load_data
 from sketchsweep.data.synthetic import draw_class
 from sketchsweep.export import default_out, main
 from sketchsweep.model import SketchCNN
 from sketchsweep.modelref import BEST_WEIGHTS
 from sketchsweep.onnx_export import ExportError, ParityError, check_parity, export_onnx
 from sketchsweep.onnx_model import INPUT_CONTRACT
+from sketchsweep.predict import Predictor
 from tests.conftest import tiny_overrides, train_cli
 
 # Shapes that look nothing alike, so 3 epochs give a model that is right on most drawings.
@@ -117,6 +123,7 @@ def test_export_matches_pytorch_with_metadata_and_any_batch(run, which, tmp_path
     assert meta["width"] == str(trained.width)
     assert meta["run_id"] == (run.run_id if which.startswith("trained") else "")
     assert meta["sketchsweep_version"]
+    assert "temperature" not in meta and report.temperature == 1.0  # not calibrated: logits as the model's
 
     for n in (1, 7):  # the batch axis is dynamic
         x = run.val_images[:n]
@@ -190,3 +197,86 @@ def test_default_out_never_replaces_the_best_epochs_export_with_other_weights(ru
     assert default_out(str(d / BEST_WEIGHTS)) == d / "model.onnx"
     assert default_out(str(d / "model_weights.pth")) == d / "model_weights.onnx"
     assert default_out("runs:/abc") == Path("model.onnx")
+
+
+def copy_run(run: TinyRun, folder: Path, head: tuple[float, float] = (0.0, 1.0), data: dict | None = None) -> Path:
+    """The run's folder without its checkpoint: best weights, classes, split and config (its data
+    section replaced by ``data``, or removed when ``data`` is ``{}``). ``head``: (noise, scale):
+    the output layer's weights get that much noise (x their std, seeded) and are then scaled."""
+    folder.mkdir()
+    shutil.copy(run.run_dir / "classes.json", folder / "classes.json")
+    shutil.copy(run.run_dir / "split.npz", folder / "split.npz")
+    config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    if data is not None:
+        config = {k: v for k, v in config.items() if k != "data"} | ({"data": data} if data else {})
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    state = torch.load(run.run_dir / BEST_WEIGHTS, weights_only=True)
+    noise, scale = head
+    w = state["head.4.weight"]
+    w += noise * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    w *= scale
+    state["head.4.bias"] *= scale
+    torch.save(state, folder / BEST_WEIGHTS)
+    return folder
+
+
+def validation_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The run's validation drawings, uint8 (N, 28, 28), and labels, read from its data and split.npz."""
+    data = load_data(saved_data_config(load_trained(folder).config), torch.device("cpu"))
+    val = np.load(folder / "split.npz")["val"]
+    return np.ascontiguousarray(data.images[val]).reshape(-1, 28, 28), data.labels[val]
+
+
+def test_calibrate_folds_the_fitted_temperature_into_the_graph(run, tmp_path, capsys):
+    # The tiny run's model is right on every validation drawing: no temperature fits that (T -> 0).
+    out = tmp_path / "calibrated.onnx"
+    assert main([str(run.run_dir), "--calibrate", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "every drawing there is classified right" in err and f"nothing written to {out}" in err
+    assert not out.exists()
+    # Made to err (noise in its output layer, ~73 % right) and overconfident (logits x 10), it has
+    # something to calibrate.
+    hot = copy_run(run, tmp_path / "hot", head=(2.0, 10.0))
+    assert main([str(hot), "--calibrate", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    t = float(metadata(out)["temperature"])
+    assert t > 1 and f"temperature {t:.4f}" in printed and "the validation split" in printed
+    # One Div more than an uncalibrated export of the same network: the logits divided by T.
+    ops = [Counter(n.op_type for n in onnx.load(str(p)).graph.node) for p in (out, run.onnx_path)]
+    assert ops[0] - ops[1] == Counter({"Div": 1}) and not ops[1] - ops[0]
+
+    images, labels = validation_split(hot)
+    with torch.no_grad():
+        raw = load_trained(hot).model(torch.from_numpy(images).float().div(255).sub(0.5).div(0.5).unsqueeze(1))
+    logits, probs = run_onnx(out, images)
+    np.testing.assert_allclose(logits, (raw / t).numpy(), atol=1e-4)
+    np.testing.assert_allclose(probs, torch.softmax(raw / t, dim=1).numpy(), atol=1e-5)
+    before = expected_calibration_error(torch.softmax(raw, dim=1).numpy(), labels)
+    after = expected_calibration_error(probs, labels)
+    assert after <= before
+    assert f"ECE {before:.4f} -> {after:.4f}" in printed
+    # predict reads the calibrated probabilities, and says which temperature they come from.
+    predictor = Predictor(out)
+    assert predictor.temperature == t
+    np.testing.assert_allclose(predictor.probabilities(images), probs, atol=1e-6)
+
+    # Fitted on the run's validation split, whatever the logits' scale: 10x the unscaled model's.
+    plain = tmp_path / "plain.onnx"
+    assert main([str(copy_run(run, tmp_path / "plain", head=(2.0, 1.0))), "--calibrate", "--out", str(plain)]) == 0
+    assert t == pytest.approx(10 * float(metadata(plain)["temperature"]), rel=1e-3)
+
+
+def test_calibrate_without_a_validation_split_is_one_line_and_writes_nothing(run, tmp_path, capsys):
+    config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    cases = {
+        "no data config": copy_run(run, tmp_path / "bare", data={}),  # weights without the data they came from
+        str(tmp_path / "gone"): copy_run(
+            run, tmp_path / "moved", data={**config["data"], "root": str(tmp_path / "gone")}
+        ),
+    }
+    for needle, folder in cases.items():
+        out = tmp_path / "out" / f"{folder.name}.onnx"
+        assert main([str(folder), "--calibrate", "--out", str(out)]) == 2, needle
+        err = capsys.readouterr().err
+        assert err.startswith("error: --calibrate") and needle in err and err.count("\n") == 1, err
+        assert not out.parent.exists()  # nothing written, not even the folder

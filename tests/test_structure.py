@@ -19,6 +19,10 @@ LAYERS = {
     "sketchsweep.model": CORE,
     "sketchsweep.engine": CORE,
     "sketchsweep.data": CORE,
+    "sketchsweep.calibration": CORE,  # ECE, reliability bins, temperature scaling: torch and numpy only
+    "sketchsweep.tta": CORE,
+    "sketchsweep.ema": CORE,
+    "sketchsweep.schedules": CORE,
     "sketchsweep.config": SERVICE,
     "sketchsweep.modelref": SERVICE,
     "sketchsweep.tracking": SERVICE,
@@ -29,6 +33,8 @@ LAYERS = {
     "sketchsweep.checkpoint": SERVICE,
     "sketchsweep.resume": SERVICE,
     "sketchsweep.evaluation": SERVICE,
+    "sketchsweep.plots": SERVICE,  # matplotlib, imported as a plot is made
+    "sketchsweep.run_data": SERVICE,  # a run's split or other data, for evaluate and export --calibrate
     "sketchsweep.onnx_model": SERVICE,
     "sketchsweep.onnx_export": SERVICE,
     "sketchsweep.deliver": SERVICE,

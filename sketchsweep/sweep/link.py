@@ -110,3 +110,14 @@ class TrialLink:
         values = list(values) if isinstance(values, tuple) else [values]
         if all(math.isfinite(v) for v in values):
             self.study.tell(self.number, values, skip_if_finished=True)
+
+
+def objective_values(objectives, best_value: float, outcome: dict[str, float]) -> float | tuple[float, ...]:
+    """What a job returns to a sweeper: ``trainer.objective`` at the best epoch (``best_value``),
+    or in a sweep the values of ``sweep.objectives`` in order, read from ``outcome`` (the run's
+    summary and num_parameters: ``val_acc`` is the summary's ``best_val_acc``); one float for one."""
+    if not objectives:
+        return float(best_value)
+    # NaN where a run lacks one (val_ece of an epoch trained before it was measured, resumed): not told.
+    values = tuple(float(outcome.get(o, outcome.get(f"best_{o}", math.nan))) for o in objectives)
+    return values[0] if len(values) == 1 else values
