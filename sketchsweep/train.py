@@ -177,9 +177,7 @@ def _setup_step(cfg: DictConfig, ema: EMA | None) -> engine.Step:
     augment = functools.partial(
         engine.random_affine, degrees=aug.degrees, scale=tuple(aug.scale), translate=aug.translate, hflip=aug.hflip
     )
-    mixing = functools.partial(
-        engine.mix_batch, mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, switch_prob=mix.switch_prob
-    )
+    mixing = functools.partial(engine.mix_batch, **{k: mix[k] for k in ("mixup_alpha", "cutmix_alpha", "switch_prob")})
     return engine.Step(
         augment=augment if aug.enabled else None,
         mix=mixing if mix.mixup_alpha > 0 or mix.cutmix_alpha > 0 else None,
@@ -358,9 +356,8 @@ def shipment(r: Recipe, temperature: float) -> deliver.Shipment:
     val_idx = r.splits["val"]
     rows = r.placement.rows(val_idx) if len(val_idx) else None
     example = np.ascontiguousarray(r.data.images[val_idx[:64]])  # real drawings, for signatures and parity
-    return deliver.Shipment(
-        r.model, r.data.class_names, r.resolved, r.run_dir, rows, example, r.device, r.precision, temperature
-    )
+    made_from = (r.model, r.data.class_names, r.resolved, r.run_dir, rows, example, r.device, r.precision)
+    return deliver.Shipment(*made_from, temperature)
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -70,6 +70,23 @@ def tiny_overrides(data: Path, store: str, run_dir: Path, *extra: str) -> list[s
     ]
 
 
+def width4_overrides(data: Path, store: str, *extra: str) -> list[str]:
+    """An in-process run (``train(compose_config(...))``) of a width-4 model on ``data``, batch 64,
+    nothing shipped: the fastest run that still trains."""
+    return [
+        "data=quickdraw",
+        f"data.root={data}",
+        "model.width=4",
+        "model.hidden=16",
+        "trainer.batch_size=64",
+        f"mlflow.tracking_uri={store}",
+        "mlflow.log_model=false",
+        "mlflow.log_onnx=false",
+        "mlflow.log_evaluation=false",
+        *extra,
+    ]
+
+
 def sweep_overrides(
     data: Path, storage: str, uri: str, sweep_dir: Path, study: str, *extra: str, epochs: int = 4
 ) -> list[str]:

@@ -15,22 +15,7 @@ from sketchsweep.engine import Step, mix_batch, to_input
 from sketchsweep.model import SketchCNN
 from sketchsweep.schedules import WarmupCosineLR
 from sketchsweep.train import train
-from tests.conftest import compose_config, train_cli
-
-
-def knob_overrides(data, store, *extra):
-    return [
-        "data=quickdraw",
-        f"data.root={data}",
-        "model.width=4",
-        "model.hidden=16",
-        "trainer.batch_size=64",
-        f"mlflow.tracking_uri={store}",
-        "mlflow.log_model=false",
-        "mlflow.log_onnx=false",
-        "mlflow.log_evaluation=false",
-        *extra,
-    ]
+from tests.conftest import compose_config, train_cli, width4_overrides
 
 
 def test_label_smoothing_changes_the_loss_by_the_expected_amount():
@@ -109,7 +94,7 @@ def test_ema_is_what_a_run_evaluates_keeps_and_exports(tiny_data, tmp_path, stor
     from sketchsweep.data.views import Split
     from sketchsweep.engine import evaluate
 
-    cfg = compose_config(knob_overrides(tiny_data, store, "trainer.epochs=1", "trainer.ema_decay=0.9"))
+    cfg = compose_config(width4_overrides(tiny_data, store, "trainer.epochs=1", "trainer.ema_decay=0.9"))
     train(cfg, tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     raw, averaged = ckpt["model"], ckpt["ema"]["model"]
@@ -139,7 +124,7 @@ def test_resume_with_ema_is_bit_exact_on_cpu(tiny_data, tmp_path, store):
     knobs = ["trainer.ema_decay=0.8", "trainer.label_smoothing=0.1", "data.mix.mixup_alpha=0.2"]
     # scheduler.epochs=3 in both: the cut run is the straight one stopped after epoch 2.
     knobs += ["data.mix.cutmix_alpha=1.0", "scheduler=onecycle", "scheduler.warmup_epochs=1", "scheduler.epochs=3"]
-    common = knob_overrides(tiny_data, store, *knobs)
+    common = width4_overrides(tiny_data, store, *knobs)
     train(compose_config([*common, "trainer.epochs=3"]), tmp_path / "straight")
     train(compose_config([*common, "trainer.epochs=2"]), tmp_path / "cut")
     resume = f"trainer.resume={tmp_path / 'cut' / 'checkpoint.pt'}"
@@ -175,7 +160,7 @@ def test_onecycle_warms_up_then_follows_a_cosine():
 
 def test_a_run_logs_the_onecycle_lr_per_epoch(tiny_data, tmp_path, store):
     cfg = compose_config(
-        knob_overrides(tiny_data, store, "trainer.epochs=3", "scheduler=onecycle", "scheduler.warmup_epochs=1")
+        width4_overrides(tiny_data, store, "trainer.epochs=3", "scheduler=onecycle", "scheduler.warmup_epochs=1")
     )
     train(cfg, tmp_path / "run")
     history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"]
@@ -185,7 +170,7 @@ def test_a_run_logs_the_onecycle_lr_per_epoch(tiny_data, tmp_path, store):
 def test_extending_a_onecycle_run_goes_on_down_its_cosine(tiny_data, tmp_path, store):
     """More trainer.epochs on resume after the warm-up: a cosine from the lr reached down to eta_min
     at the new end, never a jump back up (as scheduler=cosine does)."""
-    common = knob_overrides(tiny_data, store, "scheduler=onecycle", "scheduler.warmup_epochs=1")
+    common = width4_overrides(tiny_data, store, "scheduler=onecycle", "scheduler.warmup_epochs=1")
     train(compose_config([*common, "trainer.epochs=3"]), tmp_path / "three")
     resume = f"trainer.resume={tmp_path / 'three' / 'checkpoint.pt'}"
     train(compose_config([*common, "trainer.epochs=6", resume]), tmp_path / "six")
@@ -198,7 +183,7 @@ def test_a_checkpoint_from_before_val_ece_resumes_and_its_sweep_objectives_map(t
     from sketchsweep.config import SWEEP_OBJECTIVES
     from sketchsweep.sweep.link import objective_values
 
-    common = knob_overrides(tiny_data, store)
+    common = width4_overrides(tiny_data, store)
     train(compose_config([*common, "trainer.epochs=1"]), tmp_path / "old")
     ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
     for epoch in ckpt["history"]:
@@ -259,7 +244,7 @@ def test_calibrate_fits_a_temperature_scores_the_test_split_with_it_and_exports_
 
     # One short epoch: far from calibrated (and from every drawing right), so a temperature fits.
     extra = ["trainer.epochs=1", "trainer.label_smoothing=0.3", "trainer.calibrate=true", "data.test_fraction=0.2"]
-    cfg = compose_config([*knob_overrides(tiny_data, store, *extra), "mlflow.log_onnx=true"])
+    cfg = compose_config([*width4_overrides(tiny_data, store, *extra), "mlflow.log_onnx=true"])
     train(cfg, tmp_path / "run")
     from mlflow.tracking import MlflowClient
 

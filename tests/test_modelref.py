@@ -66,6 +66,7 @@ def test_checkpoint_is_one_readable_dict_with_named_keys(tmp_path):
         "best",
         "config",
         "mlflow_run_id",
+        "ema",  # None without trainer.ema_decay
     }
     assert Checkpoint.load(tmp_path / CHECKPOINT).epoch == 2
     # The same format is what evaluate/export/predict load (its best weights, else its last).

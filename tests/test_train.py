@@ -35,6 +35,7 @@ from tests.conftest import (
     stop_group,
     tiny_overrides,
     train_cli,
+    width4_overrides,
 )
 
 EPOCH_METRICS = [
@@ -43,6 +44,7 @@ EPOCH_METRICS = [
     "val_loss",
     "val_acc",
     "val_top3",
+    "val_ece",
     "lr",
     "epoch_seconds",
     "train_images_per_sec",
@@ -553,18 +555,8 @@ def test_augmentation_and_a_held_out_test_split(tiny_data, tmp_path, store):
 
 
 def test_fp16_resume_keeps_the_gradient_scalers_state(tiny_data, tmp_path, store):
-    common = [
-        "data=quickdraw",
-        f"data.root={tiny_data}",
-        "trainer.precision=fp16",  # autocast + GradScaler; CPU autocast supports fp16
-        "model.width=4",
-        "model.hidden=16",
-        "trainer.batch_size=64",
-        f"mlflow.tracking_uri={store}",
-        "mlflow.log_model=false",
-        "mlflow.log_onnx=false",
-        "mlflow.log_evaluation=false",
-    ]
+    # autocast + GradScaler; CPU autocast supports fp16
+    common = width4_overrides(tiny_data, store, "trainer.precision=fp16")
     train(compose_config([*common, "trainer.epochs=1"]), tmp_path / "first")
     ckpt = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)
     assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
