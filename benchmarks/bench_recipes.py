@@ -36,13 +36,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from sketchsweep.calibration import expected_calibration_error, fit_temperature  # noqa: E402
+from sketchsweep.calibration import fit_temperature  # noqa: E402
 from sketchsweep.checkpoint import Checkpoint, load_trained  # noqa: E402
-from sketchsweep.engine import infer  # noqa: E402
+from sketchsweep.engine import all_logits, evaluate  # noqa: E402
+from sketchsweep.evaluation import predict, scores  # noqa: E402
 from sketchsweep.model import count_parameters  # noqa: E402
 from sketchsweep.modelref import ModelRef  # noqa: E402
 from sketchsweep.run_data import load_target  # noqa: E402
-from sketchsweep.tta import SHIFTS, infer_tta  # noqa: E402
+from sketchsweep.tta import SHIFTS  # noqa: E402
 
 RECIPES = {
     # The seed recipe (the defaults: width 64, Adam, StepLR, 20 epochs, no augmentation).
@@ -81,33 +82,18 @@ def logged_wall(folder: Path) -> float | None:
     return (last - first).total_seconds()
 
 
-def logits_of(model, rows, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = rows.batches(256 // len(SHIFTS) if tta else 256)
-    out = list(infer_tta(model, batches) if tta else infer(model, batches))
-    return torch.cat([z for z, _ in out]), torch.cat([y for _, y in out])
-
-
-def scores(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:
-    p = (logits / temperature).softmax(dim=1)
-    top3 = p.topk(3, dim=1).indices
-    return {
-        "acc": (top3[:, 0] == labels).float().mean().item(),
-        "top3": (top3 == labels[:, None]).any(dim=1).float().mean().item(),
-        "ece": expected_calibration_error(p.numpy(), labels.numpy()),
-    }
-
-
 def score(recipe: str, seed: int, folder: Path, wall: float | None) -> dict:
-    """The run's test-split figures (see the module docstring), with its validation figures."""
+    """The run's test-split figures (see the module docstring), with its validation figures: the
+    project's own evaluation (``engine.evaluate``, ``evaluation.predict``), as the commands score."""
     ref = ModelRef.parse(folder)
     trained = load_trained(ref)
     ckpt = Checkpoint.load(folder / "checkpoint.pt")
     at_best = ckpt.history[ckpt.best["epoch"] - 1]
     device = torch.device("cpu")
     val, test = (load_target(trained, ref, [], split, device).rows for split in ("val", "test"))
-    t = fit_temperature(*logits_of(trained.model, val, tta=False))
-    z, y = logits_of(trained.model, test, tta=False)
-    plain, tta = scores(z, y), scores(*logits_of(trained.model, test, tta=True))
+    t = fit_temperature(*all_logits(trained.model, val, 256))
+    plain = evaluate(trained.model, test, 256, "test", temperature=t)  # ECE with t, and without
+    tta = scores(predict(trained.model, test, 256, shifts=SHIFTS), test.labels.numpy(), "tta_")
     return {
         "recipe": recipe,
         "seed": seed,
@@ -116,14 +102,14 @@ def score(recipe: str, seed: int, folder: Path, wall: float | None) -> dict:
         "best_epoch": ckpt.best["epoch"],
         "wall_s": round(wall, 1) if wall is not None else None,
         "val_acc": at_best["val_acc"],
-        "test_acc": plain["acc"],
-        "test_top3": plain["top3"],
-        "test_ece": plain["ece"],
+        "test_acc": plain["test_acc"],
+        "test_top3": plain["test_top3"],
+        "test_ece": plain["test_ece_uncalibrated"],
         "temperature": t,
-        "test_ece_calibrated": scores(z, y, t)["ece"],
-        "tta_test_acc": tta["acc"],
-        "tta_test_top3": tta["top3"],
-        "test_n": len(y),
+        "test_ece_calibrated": plain["test_ece"],
+        "tta_test_acc": tta["tta_top1"],
+        "tta_test_top3": tta["tta_top3"],
+        "test_n": len(test),
     }
 
 
