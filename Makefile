@@ -15,7 +15,7 @@ PORT ?= 5000
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sketchsweep-installed
 
-.PHONY: venv test lint format demo ui clean postgres-bin slurm-bin
+.PHONY: venv test lint format demo ui clean postgres-bin slurm-bin chromium-bin
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
-test: venv postgres-bin slurm-bin
+test: venv postgres-bin slurm-bin chromium-bin
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -46,6 +46,15 @@ slurm-bin:
 	    apt-get update -qq >/dev/null && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null; } || \
 	  echo "SLURM (slurm-wlm, munge) could not be installed: the SLURM tests will be skipped"
+
+# The serve page's browser test drives Debian's chromium with Playwright: as root, install it when
+# /usr/bin/chromium is missing (else that test is skipped, with the reason).
+chromium-bin:
+	@test -x /usr/bin/chromium || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "Chromium could not be installed: the browser test of the serve page will be skipped"
 
 lint: venv
 	$(BIN)/ruff check .

@@ -1,5 +1,6 @@
 """Simplified ndjson -> numpy_bitmap conversion, and the rasterizer against Google's real bitmaps."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ from sketchsweep.config import PROJECT_ROOT
 from sketchsweep.data import DataError, load_folder
 from sketchsweep.data.folder import read_class_file
 from sketchsweep.data.ndjson2npy import convert, read_ndjson
-from sketchsweep.data.raster import rasterize
+from sketchsweep.data.raster import rasterize, simplify_box
+from sketchsweep.data.synthetic import SHAPES, jitter
 from tests.conftest import SHARED_QUICKDRAW, cli_env
 
 MONKEY = SHARED_QUICKDRAW.parent / "ndjson" / "monkey.ndjson"
@@ -328,3 +330,14 @@ def test_a_class_file_that_cannot_be_replaced_leaves_all_of_them_unchanged(three
     assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
     assert failed.stderr.count("\n") == 1 and str(cat) in failed.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["ant.npy", "bee.npy", "cat.npy"]
+
+
+def test_rasterizer_output_is_pinned():
+    """The bitmaps a model trains on are exactly those of every earlier version: a faster rasterizer
+    (x and y apart instead of trailing axes of 2) must not move a single pixel value."""
+    rng = np.random.default_rng(0)
+    drawings = [simplify_box(jitter(SHAPES[n](rng), rng)) for n in sorted(SHAPES) for _ in range(20)]
+    digest = hashlib.sha256(rasterize(drawings).tobytes()).hexdigest()
+    assert digest == "dec177b9c0f836b97769baee5031267acd1c6be1cc6318d769e5ae7d8299ff6c"
+    digest = hashlib.sha256(rasterize(drawings[:30], side=64).tobytes()).hexdigest()
+    assert digest == "34bafad5f776b740a4743f6a0c6f28444aa56ea89706e2154eb2fa4ade997bbe"

@@ -40,10 +40,12 @@ LAYERS = {
     "sketchsweep.deliver": SERVICE,
     "sketchsweep.registry": SERVICE,
     "sketchsweep.served_model": SERVICE,  # run by MLflow's model server: numpy, onnxruntime, mlflow only
+    "sketchsweep.predictor": SERVICE,  # a model ready to classify drawings: predict and serve
     "sketchsweep.sweep": SERVICE,
     "sketchsweep.evaluate": ENTRY,
     "sketchsweep.export": ENTRY,
     "sketchsweep.predict": ENTRY,
+    "sketchsweep.serve": ENTRY,
     "sketchsweep.doctor": ENTRY,
     "sketchsweep.workers": ENTRY,
     "hydra_plugins": ENTRY,
@@ -125,7 +127,7 @@ def test_the_check_sees_real_imports():
     """The parser finds imports written every way the package writes them, including in functions."""
     assert {"sketchsweep.engine", "sketchsweep.cli", "sketchsweep.deliver"} <= GRAPH["sketchsweep.train"]
     assert {"sketchsweep.evaluation", "sketchsweep.onnx_export"} <= GRAPH["sketchsweep.deliver"]  # in functions
-    assert "sketchsweep.checkpoint" in GRAPH["sketchsweep.predict"]  # imported inside Predictor
+    assert "sketchsweep.checkpoint" in GRAPH["sketchsweep.predictor"]  # imported inside Predictor
     assert "sketchsweep.sweep.study" in GRAPH["hydra_plugins.sketchsweep_optuna.sweeper"]
 
 
