@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from sketchsweep.data.synthetic import SHAPES, jitter  # noqa: E402
 
 NDJSON = ROOT.parent / "shared" / "data" / "ndjson"
+JSON = {"Content-Type": "application/json"}
 
 
 def drawings(n: int) -> tuple[list[bytes], str]:
@@ -86,12 +87,12 @@ def load(port: int, bodies: list[bytes], clients: int, total: int) -> dict:
         mine = []
         for i in range(k, total, clients):
             t = time.perf_counter()
-            conn.request("POST", "/api/predict", body=bodies[i % len(bodies)])
+            conn.request("POST", "/api/predict", body=bodies[i % len(bodies)], headers=JSON)
             response = conn.getresponse()
-            response.read()
+            answer = response.read()
             mine.append((time.perf_counter() - t) * 1000)
             if response.status != 200:
-                errors.append(response.status)
+                errors.append(f"{response.status} {answer[:200]!r}")
         conn.close()
         latencies.extend(mine)
 
@@ -102,6 +103,8 @@ def load(port: int, bodies: list[bytes], clients: int, total: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start_time
+    if errors:
+        raise SystemExit(f"{len(errors)} of {total} requests failed, e.g. {errors[0]}")
     q = statistics.quantiles(latencies, n=100)
     return {
         "clients": clients,

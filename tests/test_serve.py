@@ -73,11 +73,13 @@ class Server:
         stop_group(self.proc)
         raise AssertionError(f"the server did not start: {seen} {self.proc.stderr.read()}")
 
-    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
             response = conn.getresponse()
             payload = response.read()
             is_json = response.getheader("content-type", "").startswith("application/json")
@@ -189,6 +191,9 @@ BAD_REQUESTS = {
     "a coordinate that is a string": b'{"strokes": [[[1, "2"], [3, 4]]]}',
     "a coordinate that is true": b'{"strokes": [[[1, true], [3, 4]]]}',
     "a NaN coordinate": b'{"strokes": [[[1, NaN], [3, 4]]]}',
+    "an integer too big for a float": b'{"strokes": [[[1, 1' + b"0" * 400 + b"], [3, 4]]]}",
+    "a coordinate past 1e6": b'{"strokes": [[[-1e308, 1e308], [3, 4]]]}',
+    "a pixel too big for a float": b'{"pixels": [1' + b"0" * 400 + b", 0" * 783 + b"]}",
     "over 10k points": json.dumps({"strokes": [[list(range(5001)), list(range(5001))]] * 2}).encode(),
     "over 1 MB": json.dumps({"strokes": [[[1.25] * 120000, [2.25] * 120000]]}).encode(),
     "784 pixels expected": b'{"pixels": [0, 255]}',
@@ -206,9 +211,22 @@ def test_bad_requests_get_400_and_the_server_goes_on(server):
         assert status == 400, why
         assert isinstance(answer["error"], str) and "\n" not in answer["error"] and answer["error"], why
         assert "circle" in [g["label"] for g in server.predict(good)["top_k"]], why
-    assert server.request("GET", "/api/predict")[0] == 405
-    assert server.request("GET", "/no-such-page")[0] == 404
+    for headers, why in (({"Content-Type": "text/plain"}, "Content-Type"), ({"Host": "rebound.example"}, "host")):
+        status, answer = server.request("POST", "/api/predict", good, headers=headers)
+        assert status == 400 and why in str(answer), answer
+    assert server.request("GET", "/api/predict") == (405, {"error": "Method Not Allowed"})
+    assert server.request("GET", "/no-such-page") == (404, {"error": "Not Found"})
+    assert server.request("GET", "/static/../serve.py")[0] == 404
     assert server.proc.poll() is None
+
+
+def test_odd_but_valid_drawings(server):
+    """A drawing anywhere on a canvas is framed the same; one spot is a dot, however small the box."""
+    stroke = [[3, 128, 253, 128, 3], [220, 180, 220, 254, 220]]  # wide, in a 400 px canvas's top-left
+    moved = [[x + 100 for x in stroke[0]], [y - 150 for y in stroke[1]]]
+    assert server.predict({"strokes": [stroke]})["bitmap"] == server.predict({"strokes": [moved]})["bitmap"]
+    dot = server.predict({"strokes": [[[0, 5e-324], [7, 7]]]})["bitmap"]
+    assert dot == server.predict({"strokes": [[[42], [42]]]})["bitmap"] and 0 < sum(v > 0 for v in dot) < 12
 
 
 def test_command_line_errors_are_one_line(run, tmp_path):
@@ -223,6 +241,7 @@ def test_command_line_errors_are_one_line(run, tmp_path):
             ([str(tmp_path / "missing-run")], "missing-run"),
             ([str(run.onnx_path), "--port", port], f"--port {port}"),
             ([str(run.onnx_path), "--host", "256.1.1.1"], "--host 256.1.1.1"),
+            ([str(run.onnx_path), "--host", "::1", "--port", "70000"], "expected a port number 0-65535"),
         ]
         for args, named in cases:
             proc = subprocess.run(
@@ -233,7 +252,9 @@ def test_command_line_errors_are_one_line(run, tmp_path):
                 timeout=120,
             )
             assert proc.returncode == 2, proc.stderr
-            assert proc.stderr.startswith("error: ") and named in proc.stderr and proc.stderr.count("\n") == 1
+            *usage, error = proc.stderr.splitlines()  # argparse's own errors come after its usage line
+            assert error.startswith(("error: ", "python -m sketchsweep.serve: error: ")), proc.stderr
+            assert named in error and all(u.startswith(("usage: ", " ")) for u in usage), proc.stderr
 
 
 def test_connections_send_without_delay():
@@ -292,6 +313,14 @@ INK = (  # dark pixels on the drawing canvas
     " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
     " let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] < 250; return n; }"
 )
+TWO_FINGERS = """() => {
+  const c = document.getElementById('canvas'), r = c.getBoundingClientRect(), k = c.width / r.width;
+  const ev = (type, id, x) => c.dispatchEvent(new PointerEvent(type, {pointerId: id, isPrimary: id === 1,
+    pointerType: 'touch', button: 0, clientX: r.left + x / k, clientY: r.top + x / k, bubbles: true}));
+  ev('pointerdown', 1, 50); ev('pointerdown', 2, 300); ev('pointermove', 1, 100); ev('pointermove', 2, 320);
+  ev('pointerup', 2, 320); ev('pointermove', 1, 150); ev('pointerup', 1, 150);
+  return strokes.map(([xs, ys]) => xs.map(Math.round));
+}"""
 GUESSES = "() => [...document.querySelectorAll('#guesses li')].map(li => li.dataset.label)"
 
 
@@ -326,6 +355,8 @@ def test_drawing_a_circle_on_the_page(server, tmp_path):
             page.wait_for_function(f"({GUESSES})().length === 0")
             assert page.evaluate(INK) == 0, "Clear should leave an empty canvas"
             page.screenshot(path=str(tmp_path / "cleared.png"))
+            # Two fingers: the first draws, the second neither starts a stroke nor joins the first.
+            assert page.evaluate(TWO_FINGERS) == [[50, 100, 150]]
             assert (tmp_path / "circle.png").stat().st_size > 1000
         finally:
             browser.close()

@@ -42,9 +42,14 @@ EMPTY_DRAWING = "empty drawing"
 NOT_RECOGNIZED = "not recognized (--recognized-only)"
 
 
-def _is_number(v) -> bool:
-    # bool is an int subclass in Python; JSON true/false are not coordinates. NaN/Infinity parse too.
-    return type(v) in (int, float) and math.isfinite(v)
+def is_number(v) -> bool:
+    """A JSON value that is a finite number (coordinates here; pixels in ``serve``)."""
+    # bool is an int subclass in Python; JSON true/false are not coordinates. NaN/Infinity parse too,
+    # and an integer too big for a float (1 followed by 400 zeros) makes isfinite raise.
+    try:
+        return type(v) in (int, float) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def parse_drawing(raw) -> tuple[list[np.ndarray] | None, str | None]:
@@ -57,7 +62,7 @@ def parse_drawing(raw) -> tuple[list[np.ndarray] | None, str | None]:
         if not (isinstance(stroke, list) and len(stroke) == 2 and all(isinstance(c, list) for c in stroke)):
             return None, BAD_DRAWING
         xs, ys = stroke
-        if not all(_is_number(v) for v in xs) or not all(_is_number(v) for v in ys):
+        if not all(is_number(v) for v in xs) or not all(is_number(v) for v in ys):
             return None, NON_NUMERIC
         if len(xs) != len(ys):
             return None, LENGTH_MISMATCH

@@ -4,6 +4,7 @@
 "use strict";
 
 const INTERVAL = 100; // ms between requests: at most ~10 a second
+const MIN_STEP = 2; // canvas px between kept points (Google simplified its strokes with RDP, epsilon 2)
 const canvas = document.getElementById("canvas");
 const ctx = canvas.getContext("2d");
 const seen = document.getElementById("seen").getContext("2d");
@@ -12,6 +13,7 @@ const statusLine = document.getElementById("status");
 
 let strokes = []; // finished strokes, each [[x...], [y...]]
 let current = null; // the stroke being drawn
+let pointer = null; // the pointer drawing it: a second finger neither starts nor joins a stroke
 let version = 0; // bumps on every change of the drawing
 let shown = -1; // the version the guesses on the page are for
 let inFlight = false;
@@ -20,8 +22,9 @@ let timer = null;
 
 function point(event) {
   const box = canvas.getBoundingClientRect();
-  const x = ((event.clientX - box.left) * canvas.width) / box.width;
-  const y = ((event.clientY - box.top) * canvas.height) / box.height;
+  // Clamped: pointer capture follows a stroke off the canvas, and the model sees only what is shown.
+  const x = Math.min(Math.max(((event.clientX - box.left) * canvas.width) / box.width, 0), canvas.width);
+  const y = Math.min(Math.max(((event.clientY - box.top) * canvas.height) / box.height, 0), canvas.height);
   return [Math.round(x * 10) / 10, Math.round(y * 10) / 10];
 }
 
@@ -48,27 +51,33 @@ function changed() {
 }
 
 canvas.addEventListener("pointerdown", (event) => {
-  if (event.button !== 0) return;
-  canvas.setPointerCapture(event.pointerId);
+  if (event.button !== 0 || current) return;
+  pointer = event.pointerId;
+  try {
+    canvas.setPointerCapture(event.pointerId); // keep the stroke when the pointer leaves the canvas
+  } catch {
+    // a pointer the browser no longer tracks: the stroke just ends at the canvas's edge
+  }
   const [x, y] = point(event);
   current = [[x], [y]];
   changed();
 });
 
 canvas.addEventListener("pointermove", (event) => {
-  if (!current) return;
+  if (!current || event.pointerId !== pointer) return;
   const [x, y] = point(event);
   const [xs, ys] = current;
-  if (x === xs[xs.length - 1] && y === ys[ys.length - 1]) return;
+  if (Math.hypot(x - xs[xs.length - 1], y - ys[ys.length - 1]) < MIN_STEP) return;
   xs.push(x);
   ys.push(y);
   changed();
 });
 
-function endStroke() {
-  if (!current) return;
+function endStroke(event) {
+  if (!current || event.pointerId !== pointer) return;
   strokes.push(current);
   current = null;
+  pointer = null;
   changed();
 }
 canvas.addEventListener("pointerup", endStroke);
@@ -77,6 +86,7 @@ canvas.addEventListener("pointercancel", endStroke);
 document.getElementById("clear").addEventListener("click", () => {
   strokes = [];
   current = null;
+  pointer = null;
   changed();
 });
 
@@ -115,16 +125,24 @@ async function send() {
       body: JSON.stringify({ strokes: drawing() }),
     });
     const answer = await response.json();
-    if (!response.ok) throw new Error(answer.error || response.statusText);
-    show(asked, answer);
+    if (!response.ok) {
+      refused(asked, `The server refused this drawing: ${answer.error || response.statusText}`);
+    } else {
+      show(asked, answer);
+    }
   } catch (error) {
-    statusLine.textContent = `The server did not answer: ${error.message}`;
-    statusLine.className = "error";
-    shown = asked;
+    refused(asked, `The server did not answer: ${error.message}`);
   } finally {
     inFlight = false;
     if (shown !== version) schedule();
   }
+}
+
+function refused(asked, why) {
+  if (asked < shown) return;
+  shown = asked;
+  statusLine.textContent = why;
+  statusLine.className = "error";
 }
 
 function show(asked, answer) {
