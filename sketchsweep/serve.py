@@ -150,8 +150,9 @@ class Classifier:
             "backend": p.backend,
             "temperature": p.temperature,
             "top_k": self.top_k,
-            "input": f'POST /api/predict with {{"strokes": {STROKES_FORMAT}}} (any coordinate box, '
-            f'at most {MAX_POINTS} points) or {{"pixels": [784 values 0-255]}}; at most {MAX_BYTES} bytes',
+            "input": f'POST /api/predict, Content-Type: application/json, with {{"strokes": {STROKES_FORMAT}}} '
+            f'(any coordinate box, at most {MAX_POINTS} points) or {{"pixels": [784 values 0-255]}}; '
+            f"at most {MAX_BYTES} bytes",
             "model_input": INPUT_CONTRACT,
         }
 
