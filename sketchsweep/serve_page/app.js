@@ -117,12 +117,13 @@ async function send() {
     return;
   }
   inFlight = true;
-  lastSent = performance.now();
+  const body = JSON.stringify({ strokes: drawing() });
+  lastSent = performance.now(); // as the request leaves: the next leaves INTERVAL ms after it
   try {
     const response = await fetch("api/predict", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ strokes: drawing() }),
+      body,
     });
     const answer = await response.json();
     if (!response.ok) {
