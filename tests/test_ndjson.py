@@ -59,7 +59,7 @@ def test_read_ndjson_counts_each_skip_reason(ndjson):
 def test_an_integer_too_big_for_a_float_is_skipped_not_fatal(tmp_path):
     """json reads 1 followed by 400 zeros as an int, and math.isfinite raised OverflowError on it."""
     path = tmp_path / "huge.ndjson"
-    path.write_text(record("cat", SQUARE) + "\n" + '{"word": "cat", "drawing": [[[1, 1' + "0" * 400 + '], [4, 5]]]}\n')
+    path.write_text(record("cat", SQUARE) + "\n" + '{"word": "cat", "drawing": [[[1, 1' + "0" * 400 + "], [4, 5]]]}\n")
     by_word, skipped = read_ndjson(path)
     assert (len(by_word["cat"]), skipped) == (1, {"non-numeric coordinates": 1})
 
