@@ -1,6 +1,8 @@
 import sys
+import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from sketchsweep.data import load_folder
@@ -91,7 +93,7 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_trains(tiny_data):
     from sketchsweep.engine import resolve_precision
 
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu).dtype is None and not resolve_precision("auto", cpu).channels_last
+    assert resolve_precision("auto", cpu).dtype is None and resolve_precision("auto", cpu).channels_last
     assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
     ds = load_folder(tiny_data)
     split = Split(torch.from_numpy(ds.images), torch.from_numpy(ds.labels))
@@ -106,6 +108,22 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_trains(tiny_data):
             train_one_epoch(model, split, opt, batch_size=32, generator=gen, precision=precision)
         accs[name] = evaluate(model, split, precision=precision)["val_acc"]
     assert accs["fp32"] > 0.6 and abs(accs["bf16"] - accs["fp32"]) < 0.1, accs
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch):
+    from sketchsweep.engine import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    for flag in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a CPU without either
+        monkeypatch.setattr(torch.cpu, flag, lambda: False)
+    assert not native_bf16(cpu)
+    with pytest.warns(UserWarning, match="trainer.precision=bf16: this CPU emulates bf16"):
+        assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native_bf16(cpu) and resolve_precision("bf16", cpu).dtype == torch.bfloat16
+        assert resolve_precision("auto", cpu).dtype is None  # auto stays fp32 on a CPU
 
 
 def test_engine_matches_the_seed_loop_accuracy(tiny_data):
